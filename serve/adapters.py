@@ -1,0 +1,303 @@
+"""Adapter registry: validate, store immutable versions, promote and roll back.
+
+Each version lives in data_dir/adapters/NAME, written to a staging directory and renamed into
+place only when complete (metadata last). Names are never reused, because vLLM caches by name.
+Which version serves is the newest Deployment row that was not rolled back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Optional
+
+from sqlalchemy.engine import Engine
+from sqlmodel import select
+
+from data_store.db import session
+from data_store.models import Adapter, Deployment
+from serve.client import VLLMClient, VLLMError
+from settings import Settings
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+METADATA = "tuneloop-adapter.json"
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".ckpt"}
+
+
+class AdapterError(ValueError):
+    """A bad adapter or request; the message names the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    rank: int
+    base_model: str
+    target_modules: tuple[str, ...]
+    sha256: str
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name or "") or ".." in name:
+        raise AdapterError(
+            f"adapter name {name!r} is not allowed; use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+# ---- validation (reads files, asks nothing of vLLM) ----
+
+def validate(path: Path, settings: Settings, base_model: str) -> AdapterInfo:
+    """Check an adapter directory is something vLLM can load for this base model."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterError(f"{path} is not a directory; give the PEFT adapter directory (with adapter_config.json)")
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise AdapterError(f"{path} holds pickle weights ({', '.join(pickles)}), which can run code on load; save with safe_serialization=True")
+    cfg_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not cfg_file.exists():
+        raise AdapterError(f"{path} has no adapter_config.json; is it a PEFT adapter directory?")
+    if not weights.exists():
+        raise AdapterError(f"{path} has no adapter_model.safetensors; save the adapter with safe_serialization=True")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except ValueError as e:
+        raise AdapterError(f"{cfg_file} is not valid JSON ({e})") from None
+    if cfg.get("peft_type") != "LORA":
+        raise AdapterError(f"{path} is a {cfg.get('peft_type')!r} adapter; only LoRA adapters can be served")
+    rank = int(cfg.get("r", 0))
+    if not 1 <= rank <= settings.max_lora_rank:
+        raise AdapterError(f"{path} has LoRA rank {rank}, above the limit {settings.max_lora_rank}; retrain with a smaller r or raise TUNELOOP_MAX_LORA_RANK")
+    if cfg.get("modules_to_save"):
+        raise AdapterError(f"{path} has modules_to_save={cfg['modules_to_save']}, which vLLM cannot load; train without modules_to_save")
+    trained_on = str(cfg.get("base_model_name_or_path") or "")
+    if trained_on and Path(trained_on).name.lower() != Path(base_model).name.lower():
+        raise AdapterError(f"{path} was trained on {trained_on!r}, but the service runs {base_model!r}; train it on the served base model")
+    shapes = _safetensors_shapes(weights)
+    _check_shapes(path, shapes, base_model)
+    return AdapterInfo(rank, trained_on or base_model, tuple(sorted(set(cfg.get("target_modules") or []))), _sha256(weights))
+
+
+def _safetensors_shapes(file: Path) -> dict[str, list[int]]:
+    """Parse the header and check the file holds every byte it promises (catches truncation)."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise AdapterError(f"{file} is truncated (no header); copy the adapter again")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size, 100 << 20):
+            raise AdapterError(f"{file} has a corrupt header; copy the adapter again")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise AdapterError(f"{file} has a corrupt header; copy the adapter again") from None
+    header.pop("__metadata__", None)
+    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    if 8 + n + end != size:
+        raise AdapterError(f"{file} is truncated or padded ({size} bytes, header promises {8 + n + end}); copy the adapter again")
+    return {k: t["shape"] for k, t in header.items()}
+
+
+def _check_shapes(path: Path, shapes: dict[str, list[int]], base_model: str) -> None:
+    linears = _base_linears(base_model)
+    if not shapes:
+        raise AdapterError(f"{path} holds no tensors")
+    for key, shape in shapes.items():
+        m = re.match(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$", key)
+        if not m:
+            raise AdapterError(f"{path}: unexpected tensor {key!r}; only LoRA A/B weights can be served")
+        module, ab = m.groups()
+        if module not in linears:
+            raise AdapterError(f"{path}: module {module!r} does not exist in {base_model}; was it trained on another model?")
+        inp, out = linears[module]
+        expected_dim = inp if ab == "A" else out
+        got_dim = shape[1] if ab == "A" else shape[0]
+        if got_dim != expected_dim:
+            raise AdapterError(f"{path}: {key} has shape {shape}, which does not fit {base_model} ({module} is {inp}->{out}); was it trained on another model?")
+
+
+@lru_cache(maxsize=4)
+def _base_linears(base_model: str) -> dict[str, tuple[int, int]]:
+    """Every Linear in the base model, by name, with (in, out) features; built on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base_model)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def _sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---- registry (database and directories) ----
+
+def next_name(engine: Engine) -> str:
+    with session(engine) as s:
+        count = len(s.exec(select(Adapter.id)).all())
+    return f"v{count + 1:04d}"
+
+
+def register(engine: Engine, settings: Settings, base_model: str, src: Path, name: Optional[str] = None,
+             parent: Optional[str] = None, metrics: Optional[dict] = None) -> Adapter:
+    """Copy a validated adapter into its own immutable version directory and record it."""
+    name = check_name(name or next_name(engine))
+    with session(engine) as s:
+        if s.exec(select(Adapter).where(Adapter.name == name)).first():
+            raise AdapterError(f"adapter name {name!r} is taken; names are never reused, pick another")
+    info = validate(Path(src), settings, base_model)
+    dest = settings.adapters_dir / name
+    if dest.exists():
+        raise AdapterError(f"{dest} already exists; names are never reused, pick another")
+    settings.adapters_dir.mkdir(parents=True, exist_ok=True)
+    staging = settings.adapters_dir / f".staging-{name}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir()
+        for f in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copyfile(Path(src) / f, staging / f)
+        _check_copy(staging, info)
+        meta = {"name": name, "base_model": base_model, "rank": info.rank, "parent": parent,
+                "sha256": info.sha256, "target_modules": list(info.target_modules)}
+        (staging / METADATA).write_text(json.dumps(meta, indent=2))  # last: marks the copy complete
+        for f in staging.iterdir():
+            f.chmod(0o444)
+        os.rename(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    row = Adapter(name=name, path=str(dest), base_model=base_model, rank=info.rank, parent=parent, metrics=metrics or {})
+    try:
+        with session(engine) as s:
+            s.add(row)
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    return row
+
+
+def _check_copy(staging: Path, info: AdapterInfo) -> None:
+    if _sha256(staging / "adapter_model.safetensors") != info.sha256:
+        raise AdapterError(f"copy into {staging} does not match the source; check the disk")
+
+
+def get(engine: Engine, name: str) -> Adapter:
+    with session(engine) as s:
+        row = s.exec(select(Adapter).where(Adapter.name == name)).first()
+    if row is None:
+        raise AdapterError(f"no adapter named {name!r}; `tuneloop adapters list` shows the registered ones")
+    return row
+
+
+def list_all(engine: Engine) -> list[Adapter]:
+    with session(engine) as s:
+        return list(s.exec(select(Adapter).order_by(Adapter.id)).all())
+
+
+def _live(engine: Engine) -> list[Deployment]:
+    with session(engine) as s:
+        return list(s.exec(select(Deployment).where(Deployment.rolled_back == False).order_by(Deployment.id.desc())).all())  # noqa: E712
+
+
+def active(engine: Engine) -> Optional[str]:
+    """Name of the serving adapter, or None when the base model serves."""
+    live = _live(engine)
+    return live[0].adapter if live else None
+
+
+# ---- promotion against vLLM ----
+
+def ensure_loaded(client: VLLMClient, row: Adapter) -> None:
+    if any(m["id"] == row.name for m in client.models()):
+        return
+    client.load_adapter(row.name, row.path)
+
+
+def _probe(client: VLLMClient, name: str) -> None:
+    client.chat({"model": name, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1, "temperature": 0})
+
+
+def _unload(client: VLLMClient, name: Optional[str], drain: Callable[[str], None]) -> None:
+    if name is None:
+        return
+    drain(name)  # let requests already on the old version finish before vLLM drops it
+    try:
+        client.unload_adapter(name)
+    except VLLMError:
+        pass  # already gone (for example after a vLLM restart): nothing to free
+
+
+def _bring_up(client: VLLMClient, row: Adapter, settings: Settings) -> None:
+    """Load and probe; on failure vLLM is left as it was."""
+    validate(Path(row.path), settings, row.base_model)  # the directory could have been tampered with
+    ensure_loaded(client, row)
+    try:
+        _probe(client, row.name)
+    except Exception:
+        try:
+            client.unload_adapter(row.name)
+        except VLLMError:
+            pass
+        raise
+
+
+def promote(engine: Engine, client: Optional[VLLMClient], settings: Settings, name: str,
+            drain: Callable[[str], None] = lambda _: None) -> None:
+    """Load the new version, probe it, flip the active row, then unload the old one.
+
+    With client None (service not running) only the database flips; serve loads it at start.
+    """
+    row = get(engine, name)
+    if row.status == "rejected":
+        raise AdapterError(f"adapter {name!r} was rejected; promote another version")
+    old = active(engine)
+    if old == name:
+        return
+    if client is not None:
+        _bring_up(client, row, settings)
+    else:
+        validate(Path(row.path), settings, row.base_model)
+    with session(engine) as s:
+        s.add(Deployment(adapter=name))
+    if client is not None:
+        _unload(client, old, drain)
+
+
+def rollback(engine: Engine, client: Optional[VLLMClient], settings: Settings,
+             drain: Callable[[str], None] = lambda _: None) -> Optional[str]:
+    """Re-activate the version that served before the current one; returns it (None: base model)."""
+    live = _live(engine)
+    if not live:
+        raise AdapterError("nothing to roll back: the base model is serving and no adapter was ever promoted")
+    current, previous = live[0], (live[1].adapter if len(live) > 1 else None)
+    if previous is not None and client is not None:
+        _bring_up(client, get(engine, previous), settings)
+    with session(engine) as s:
+        dep = s.get(Deployment, current.id)
+        dep.rolled_back = True
+        s.add(dep)
+    if client is not None:
+        _unload(client, current.adapter, drain)
+    return previous
+
+
+def reload_active(engine: Engine, client: VLLMClient, settings: Settings) -> Optional[str]:
+    """After vLLM (re)starts it has no adapters: load the active one again."""
+    name = active(engine)
+    if name is not None:
+        _bring_up(client, get(engine, name), settings)
+    return name

