@@ -155,7 +155,7 @@ def next_name(engine: Engine) -> str:
 def register(engine: Engine, settings: Settings, base_model: str, src: Path, name: Optional[str] = None,
              parent: Optional[str] = None, metrics: Optional[dict] = None) -> Adapter:
     """Copy a validated adapter into its own immutable version directory and record it."""
-    name = check_name(name or next_name(engine))
+    name = check_name(next_name(engine) if name is None else name)
     with session(engine) as s:
         if s.exec(select(Adapter).where(Adapter.name == name)).first():
             raise AdapterError(f"adapter name {name!r} is taken; names are never reused, pick another")

@@ -1,0 +1,105 @@
+"""The API's input handling with a real store and no model server reachable (a closed port)."""
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlmodel import func, select
+
+from data_store.db import session
+from data_store.models import Conversation, Feedback, Message
+from serve.chat import ChatInputError, ChatService, check_messages
+from serve.client import VLLMClient
+from serve.services import Services
+from serve.web import build_app
+from test_store import add_turn
+
+
+@pytest.fixture
+def client(settings, engine):
+    vllm = VLLMClient(settings.served_vllm_url)
+    services = Services(settings, engine, vllm, ChatService(settings, engine, vllm, "tiny"), "tiny")
+    with TestClient(build_app(services)) as c:
+        yield c
+
+
+def rows(engine, model):
+    with session(engine) as s:
+        return s.exec(select(func.count()).select_from(model)).one()
+
+
+@pytest.mark.parametrize("body,message", [
+    ({}, "messages"),
+    ({"messages": []}, "at least 1"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "role"),
+    ({"messages": [{"role": "user", "content": 5}]}, "content"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, "last message must have role 'user'"),
+    ({"messages": [{"role": "user", "content": "   "}]}, "empty"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 3}, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 9}, "temperature"),
+    ({"messages": [{"role": "user", "content": "x" * 20000}]}, "above the limit"),
+])
+def test_malformed_chat_is_400_and_stores_nothing(client, engine, body, message):
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400
+    assert message in r.json()["error"]["message"]
+    assert rows(engine, Conversation) == 0 and rows(engine, Message) == 0
+
+
+def test_chat_with_model_server_down_is_503(client, engine):
+    for stream in (False, True):
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "stream": stream})
+        assert r.status_code == 503
+        assert "unavailable" in r.json()["error"]["message"]
+    assert rows(engine, Message) == 0
+
+
+def test_not_json_is_400(client):
+    r = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400
+
+
+def test_feedback_endpoint(client, engine):
+    mid = add_turn(engine)
+    r = client.post("/api/feedback", json={"message_id": mid, "rating": "down", "correction": "Paris.", "comment": "short"})
+    assert r.status_code == 200 and r.json()["rating"] == "down"
+    r = client.post("/api/feedback", json={"message_id": mid, "rating": "up"})
+    assert r.json()["correction"] == "Paris."  # absent fields are left alone
+    assert rows(engine, Feedback) == 1
+
+
+@pytest.mark.parametrize("body,status", [
+    ({"message_id": 424242, "rating": "up"}, 404),
+    ({"message_id": "abc", "rating": "up"}, 400),
+    ({"rating": "up"}, 400),
+    ({"message_id": 1, "rating": "sideways"}, 400),
+    ({"message_id": 1, "rating": "up", "surprise": 1}, 400),
+])
+def test_bad_feedback_requests(client, engine, body, status):
+    add_turn(engine)
+    r = client.post("/api/feedback", json=body)
+    assert r.status_code == status
+    assert r.json()["error"]["message"]
+    assert rows(engine, Feedback) == 0
+
+
+def test_health_reports_vllm_down(client):
+    r = client.get("/api/health")
+    assert r.status_code == 503
+    body = r.json()
+    assert body["database"] == "ok" and body["vllm"]["status"] == "unavailable" and body["adapter"] is None
+
+
+def test_admin_endpoints_need_token_when_set(settings, engine):
+    settings.admin_token = "s3cret"
+    vllm = VLLMClient(settings.served_vllm_url)
+    services = Services(settings, engine, vllm, ChatService(settings, engine, vllm, "tiny"), "tiny")
+    with TestClient(build_app(services)) as c:
+        assert c.post("/api/adapters/rollback").status_code == 401
+        assert c.post("/api/adapters/rollback", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        r = c.post("/api/adapters/rollback", headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 400 and "nothing to roll back" in r.json()["error"]["message"]
+
+
+def test_check_messages_is_pure():
+    check_messages([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}], 100)
+    with pytest.raises(ChatInputError):
+        check_messages([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], 100)
