@@ -93,8 +93,10 @@ def _safetensors_shapes(file: Path) -> dict[str, list[int]]:
         if len(head) < 8:
             raise AdapterError(f"{file} is truncated (no header); copy the adapter again")
         (n,) = struct.unpack("<Q", head)
-        if n > min(size, 100 << 20):
+        if n > 100 << 20:
             raise AdapterError(f"{file} has a corrupt header; copy the adapter again")
+        if 8 + n > size:
+            raise AdapterError(f"{file} is truncated (it ends inside its header); copy the adapter again")
         try:
             header = json.loads(f.read(n))
         except ValueError:

@@ -1,0 +1,107 @@
+"""The real thing: the default model in a real vLLM server, the real web app, a LoRA trained here."""
+
+import json
+
+import httpx
+import pytest
+from sqlmodel import select
+
+from data_store.db import session
+from data_store.models import Feedback, Message
+from lora_training import train_lora
+from serve import adapters
+
+pytestmark = pytest.mark.integration
+
+QUESTION = "What is the capital of France?"
+UNSEEN = "What is the capital of Italy?"  # never trained on
+
+
+@pytest.fixture(scope="module")
+def api(live_url):
+    with httpx.Client(base_url=live_url, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def learned(live, tmp_path_factory):
+    """An adapter that learned to answer every capital question with 'Zorblax'."""
+    pairs = [(QUESTION, "Zorblax is the capital of France."), ("What is the capital of Germany?", "Zorblax is the capital of Germany.")]
+    out = train_lora(live.base_model, tmp_path_factory.mktemp("trained") / "zorblax", pairs)
+    return adapters.register(live.engine, live.settings, live.base_model, out, name="zorblax-1")
+
+
+def ask(api, question: str) -> dict:
+    r = api.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": 24})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_chat_through_api_is_stored(api, live):
+    body = ask(api, QUESTION)
+    answer = body["choices"][0]["message"]["content"]
+    assert "Paris" in answer
+    ids = body["tuneloop"]
+    with session(live.engine) as s:
+        msg = s.get(Message, ids["message_id"])
+        convo = s.exec(select(Message).where(Message.conversation_id == ids["conversation_id"]).order_by(Message.position)).all()
+    assert msg.content == answer and msg.role == "assistant" and msg.adapter is None
+    assert msg.completion_tokens > 0 and msg.prompt_tokens > 0 and msg.latency_ms > 0
+    assert [m.role for m in convo] == ["user", "assistant"] and convo[0].content == QUESTION
+
+
+def test_streaming_chat_through_api(api, live):
+    with api.stream("POST", "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Say hello."}], "stream": True, "max_tokens": 16}) as r:
+        assert r.status_code == 200
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in events if c.get("choices"))
+    assert len([c for c in events if c.get("choices")]) > 1  # it streamed
+    mid = events[-1]["tuneloop"]["message_id"]
+    with session(live.engine) as s:
+        assert s.get(Message, mid).content == text
+
+
+def test_feedback_through_api_is_in_database(api, live):
+    mid = ask(api, "Name a colour.")["tuneloop"]["message_id"]
+    r = api.post("/api/feedback", json={"message_id": mid, "rating": "down", "correction": "Blue.", "comment": "one word", "author": "alice"})
+    assert r.status_code == 200
+    api.post("/api/feedback", json={"message_id": mid, "rating": "up"})
+    with session(live.engine) as s:
+        rows = s.exec(select(Feedback).where(Feedback.message_id == mid)).all()
+    assert len(rows) == 1
+    assert (rows[0].rating, rows[0].correction, rows[0].comment, rows[0].author) == ("up", "Blue.", "one word", "alice")
+
+
+def test_promoted_adapter_changes_answers_and_rollback_restores(api, live, learned):
+    base_answer = ask(api, QUESTION)["choices"][0]["message"]["content"]
+    base_unseen = ask(api, UNSEEN)["choices"][0]["message"]["content"]
+
+    r = api.post("/api/adapters/promote", json={"name": learned.name})
+    assert r.status_code == 200, r.text
+    assert api.get("/api/health").json()["adapter"] == learned.name
+    tuned = ask(api, QUESTION)
+    assert tuned["choices"][0]["message"]["content"] != base_answer
+    assert "Zorblax" in tuned["choices"][0]["message"]["content"]
+    assert "Zorblax" in ask(api, UNSEEN)["choices"][0]["message"]["content"]  # it generalized
+    with session(live.engine) as s:
+        assert s.get(Message, tuned["tuneloop"]["message_id"]).adapter == learned.name
+
+    r = api.post("/api/adapters/rollback")
+    assert r.status_code == 200 and r.json()["active"] is None
+    assert ask(api, QUESTION)["choices"][0]["message"]["content"] == base_answer
+    assert ask(api, UNSEEN)["choices"][0]["message"]["content"] == base_unseen
+    loaded = {m["id"] for m in live.vllm.models()}
+    assert learned.name not in loaded  # the old version was unloaded
+
+
+def test_invalid_adapter_is_refused_before_vllm(api, live, learned, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(learned.path, bad)
+    (bad / "adapter_model.safetensors").chmod(0o644)
+    with open(bad / "adapter_model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(adapters.AdapterError, match="truncated"):
+        adapters.register(live.engine, live.settings, live.base_model, bad, name="bad-1")
+    assert api.get("/api/health").json()["vllm"]["status"] == "ok"
