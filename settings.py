@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address the web app binds to.")
     port: int = Field(7860, ge=1, le=65535, description="Port of the web app (Gradio UI and JSON API).")
     max_new_tokens: int = Field(256, ge=1, description="Default cap on tokens per answer.")
-    temperature: float = Field(0.7, ge=0, le=2, description="Default sampling temperature for chat.")
+    temperature: float = Field(0.3, ge=0, le=2, description="Default sampling temperature for chat.")
     max_input_chars: int = Field(16000, ge=1, description="Longest accepted chat message, correction or comment, in characters.")
 
     admin_token: str = Field("", description="If set, adapter promotion and rollback over the API need `Authorization: Bearer <token>`.")

@@ -104,7 +104,7 @@ def live(tmp_path_factory, default_model):
     from serve.vllm_server import VLLMSupervisor
 
     data = tmp_path_factory.mktemp("live")
-    s = Settings(data_dir=data / "data", vllm_port=free_port())
+    s = Settings(data_dir=data / "data", vllm_port=free_port(), max_new_tokens=64)
     migrate(s.db_url)
     eng = make_engine(s.db_url)
     client = VLLMClient(s.served_vllm_url)

@@ -1,0 +1,104 @@
+"""The Gradio chat in real headless Chromium (Debian's package), against the real app and vLLM."""
+
+import time
+
+import pytest
+from sqlmodel import select
+
+from data_store.db import session
+from data_store.models import Conversation, Feedback, Message
+
+pytestmark = [pytest.mark.browser, pytest.mark.integration]
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, live_url):
+    ctx = browser.new_context()
+    page = ctx.new_page()
+    page.goto(live_url)
+    yield page
+    ctx.close()
+
+
+def wait_until(check, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.2)
+    raise AssertionError("condition not met in time")
+
+
+def send(page, text: str) -> str:
+    before = page.locator("#chat button[aria-label=Edit]").count()
+    page.locator("#msg textarea").fill(text)
+    page.locator("#msg textarea").press("Enter")
+    # Two more Edit buttons (question and answer); the answer's is enabled once streaming ends.
+    page.wait_for_function(
+        "n => { const b = [...document.querySelectorAll('#chat button[aria-label=Edit]')];"
+        " return b.length >= n + 2 && !b[b.length - 1].disabled; }", arg=before, timeout=120_000)
+    return page.locator("#chat [data-testid='bot']").last.inner_text()
+
+
+def test_chat_thumbs_down_and_correct(page, live):
+    wait_until(lambda: "Serving the base model" in page.locator("#serving").inner_text())
+    answer = send(page, "What is the capital of France?")
+    assert answer.strip()
+
+    def stored():
+        with session(live.engine) as s:
+            return s.exec(select(Message).where(Message.role == "assistant", Message.content == answer)).first()
+
+    msg = wait_until(stored)
+    with session(live.engine) as s:
+        assert s.get(Conversation, msg.conversation_id).source == "ui"
+        convo = s.exec(select(Message).where(Message.conversation_id == msg.conversation_id).order_by(Message.position)).all()
+    assert [(m.role, m.content) for m in convo] == [("user", "What is the capital of France?"), ("assistant", answer)]
+
+    page.locator("#chat button[aria-label='Dislike']").last.click()
+    wait_until(lambda: "rated 👎" in page.locator("#status").inner_text())
+
+    page.locator("#chat button[aria-label='Edit']").last.click()
+    page.locator("#chat textarea.edit-textarea").fill("Paris is the capital of France.")
+    page.locator("#chat button[aria-label='Submit']").click()
+    wait_until(lambda: "Correction saved" in page.locator("#status").inner_text())
+
+    page.locator("#comment textarea").fill("It rambled.")
+    page.locator("#save-comment").click()
+    wait_until(lambda: "Comment saved" in page.locator("#status").inner_text())
+
+    with session(live.engine) as s:
+        rows = s.exec(select(Feedback).where(Feedback.message_id == msg.id)).all()
+        original = s.get(Message, msg.id).content
+    assert len(rows) == 1
+    fb = rows[0]
+    assert (fb.rating, fb.correction, fb.comment, fb.status) == ("down", "Paris is the capital of France.", "It rambled.", "pending")
+    assert fb.author.startswith("ui-")
+    assert original == answer  # the original answer is kept beside the correction
+
+
+def test_second_turn_continues_the_conversation(page, live):
+    send(page, "Hello!")
+    first = wait_until(lambda: _last_assistant(live))
+    send(page, "Tell me a fact.")
+    second = wait_until(lambda: (m := _last_assistant(live)) and m.id != first.id and m)
+    assert second.conversation_id == first.conversation_id and second.position == 3
+
+
+def _last_assistant(live):
+    with session(live.engine) as s:
+        return s.exec(select(Message).where(Message.role == "assistant").order_by(Message.id.desc())).first()
