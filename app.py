@@ -64,6 +64,7 @@ def serve(host: Optional[str] = typer.Option(None, help="Override TUNELOOP_HOST.
     from settings import DEFAULT_MODEL
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per vLLM call drowns the log
     settings = load_settings(host=host, port=port)
     engine = open_store(settings)
     if settings.base_model == DEFAULT_MODEL:
@@ -98,14 +99,25 @@ def model_pull() -> None:
     typer.echo(f"model ready at {path}")
 
 
-def _services_for_cli(settings):
-    """The CLI acts through vLLM when the service runs; otherwise it only updates the database."""
-    from serve import model
-    from serve.client import VLLMClient
+def _through_app(settings, path: str, body: Optional[dict] = None):
+    """Ask the running app to act, so it drains requests on the old version before unloading it.
 
-    engine = open_store(settings)
-    client = VLLMClient(settings.served_vllm_url)
-    return engine, (client if client.healthy() else None), model.resolve(settings)
+    Returns the JSON answer, or None when the app is not running.
+    """
+    import httpx
+
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    headers = {"Authorization": f"Bearer {settings.admin_token}"} if settings.admin_token else {}
+    try:
+        r = httpx.post(f"http://{host}:{settings.port}{path}", json=body, headers=headers, timeout=600)
+    except httpx.ConnectError:
+        return None
+    if r.status_code >= 400:
+        try:
+            fail(r.json()["error"]["message"])
+        except (ValueError, KeyError):
+            fail(f"the service answered {r.status_code}: {r.text[:300]}")
+    return r.json()
 
 
 @adapters_cli.command("list")
@@ -144,12 +156,14 @@ def adapters_promote(name: str) -> None:
     from serve import adapters
 
     settings = load_settings()
-    engine, client, _ = _services_for_cli(settings)
+    if _through_app(settings, "/api/adapters/promote", {"name": name}) is not None:
+        typer.echo(f"{name} is active")
+        return
     try:
-        adapters.promote(engine, client, settings, name)
+        adapters.promote(open_store(settings), None, settings, name)
     except adapters.AdapterError as e:
         fail(str(e))
-    typer.echo(f"{name} is active" + ("" if client else " (the service is not running; it loads it at start)"))
+    typer.echo(f"{name} is active (the service is not running; it loads {name} when it starts)")
 
 
 @adapters_cli.command("rollback")
@@ -158,11 +172,14 @@ def adapters_rollback() -> None:
     from serve import adapters
 
     settings = load_settings()
-    engine, client, _ = _services_for_cli(settings)
-    try:
-        previous = adapters.rollback(engine, client, settings)
-    except adapters.AdapterError as e:
-        fail(str(e))
+    answer = _through_app(settings, "/api/adapters/rollback")
+    if answer is not None:
+        previous = answer["active"]
+    else:
+        try:
+            previous = adapters.rollback(open_store(settings), None, settings)
+        except adapters.AdapterError as e:
+            fail(str(e))
     typer.echo(f"{previous or 'the base model'} is active again")
 
 

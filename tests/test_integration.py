@@ -105,3 +105,27 @@ def test_invalid_adapter_is_refused_before_vllm(api, live, learned, tmp_path):
     with pytest.raises(adapters.AdapterError, match="truncated"):
         adapters.register(live.engine, live.settings, live.base_model, bad, name="bad-1")
     assert api.get("/api/health").json()["vllm"]["status"] == "ok"
+
+
+def test_vllm_killed_restarts_and_serves_active_adapter_again(api, live, learned):
+    import os
+    import signal
+    import time
+
+    assert api.post("/api/adapters/promote", json={"name": learned.name}).status_code == 200
+    try:
+        sup = live.supervisor
+        old_pid = sup.proc.pid
+        os.killpg(old_pid, signal.SIGKILL)
+        sup.proc.wait(10)
+        # During the outage chat answers a clear 503 at once instead of hanging.
+        r = api.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": QUESTION}]})
+        assert r.status_code == 503 and "unavailable" in r.json()["error"]["message"]
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not (sup.state == "ready" and sup.proc.pid != old_pid):
+            time.sleep(1)
+        assert sup.state == "ready" and sup.restarts >= 1
+        assert learned.name in {m["id"] for m in live.vllm.models()}  # re-loaded after the restart
+        assert "Zorblax" in ask(api, QUESTION)["choices"][0]["message"]["content"]
+    finally:
+        api.post("/api/adapters/rollback")

@@ -1,0 +1,59 @@
+"""The tuneloop CLI with a tiny real model; the service is not running, so commands act on the store."""
+
+import pytest
+from typer.testing import CliRunner
+
+import app as cli
+from conftest import build_lora, free_port
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def env(monkeypatch, tmp_path, tiny_model):
+    monkeypatch.setenv("TUNELOOP_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("TUNELOOP_BASE_MODEL", str(tiny_model))
+    monkeypatch.setenv("TUNELOOP_PORT", str(free_port()))  # nothing listens: the CLI acts on the store
+    return tmp_path
+
+
+def run(*args):
+    return runner.invoke(cli.app, list(args))
+
+
+def test_adapters_lifecycle(env, tiny_model):
+    lora = build_lora(tiny_model, env / "lora")
+    r = run("adapters", "add", str(lora))
+    assert r.exit_code == 0, r.output
+    assert "registered v0001" in r.output
+    assert "base model is serving" in run("adapters", "list").output
+    r = run("adapters", "promote", "v0001")
+    assert r.exit_code == 0 and "v0001 is active" in r.output
+    assert "* v0001" in run("adapters", "list").output
+    r = run("adapters", "rollback")
+    assert r.exit_code == 0 and "the base model is active again" in r.output
+
+
+def test_bad_adapter_gives_clear_error(env):
+    (env / "empty").mkdir()
+    r = run("adapters", "add", str(env / "empty"))
+    assert r.exit_code == 1 and "no adapter_config.json" in r.output
+    r = run("adapters", "promote", "../../etc")
+    assert r.exit_code == 1 and "no adapter named" in r.output
+
+
+def test_bad_setting_stops_with_its_name(env, monkeypatch):
+    monkeypatch.setenv("TUNELOOP_MAX_LORA_RANK", "lots")
+    r = run("adapters", "list")
+    assert r.exit_code == 2 and "TUNELOOP_MAX_LORA_RANK" in r.output
+
+
+def test_unknown_base_model_is_named(env, monkeypatch):
+    monkeypatch.setenv("TUNELOOP_BASE_MODEL", "./no/such/dir")
+    r = run("adapters", "add", str(env))
+    assert r.exit_code == 1 and "TUNELOOP_BASE_MODEL" in r.output
+
+
+def test_settings_prints_table():
+    r = run("settings")
+    assert r.exit_code == 0 and "`TUNELOOP_VLLM_MODE`" in r.output
