@@ -22,7 +22,9 @@ app = typer.Typer(help="Continuous-feedback fine-tuning: chat, feedback, curatio
 model_cli = typer.Typer(help="The base model.", no_args_is_help=True)
 adapters_cli = typer.Typer(help="Versioned LoRA adapters.", no_args_is_help=True)
 app.add_typer(model_cli, name="model")
+data_cli = typer.Typer(help="Curated datasets: import seed data, export training files.", no_args_is_help=True)
 app.add_typer(adapters_cli, name="adapters")
+app.add_typer(data_cli, name="data")
 
 
 def load_settings(**overrides):
@@ -181,6 +183,42 @@ def adapters_rollback() -> None:
         except adapters.AdapterError as e:
             fail(str(e))
     typer.echo(f"{previous or 'the base model'} is active again")
+
+
+@data_cli.command("import")
+def data_import(file: Path,
+                skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Import the good lines and report the bad ones."),
+                labels: Optional[str] = typer.Option(None, help="Comma-separated labels to allow besides those already known.")) -> None:
+    """Import JSONL seed data (messages, prompt/completion, input/output or text/label)."""
+    import json
+
+    from retrain import importer
+
+    settings = load_settings()
+    engine = open_store(settings)
+    try:
+        report = importer.import_file(engine, settings, file, skip_invalid=skip_invalid,
+                                      labels=[x.strip() for x in labels.split(",") if x.strip()] if labels else None)
+    except importer.ImportFailed as e:
+        fail(str(e))
+    for line in report.invalid:
+        typer.echo(f"skipped {line}", err=True)
+    typer.echo(json.dumps({k: v for k, v in vars(report).items() if k != "invalid"} | {"invalid": len(report.invalid)}, indent=1))
+
+
+@data_cli.command("export")
+def data_export(format: str = typer.Option("sft", help="sft (messages), dpo (prompt/chosen/rejected) or kto (prompt/completion/label)."),
+                split: str = typer.Option("train", help="train, val or test."),
+                out: Path = typer.Option(..., help="JSONL file to write; FILE.manifest.json is written beside it.")) -> None:
+    """Write the deduplicated split as JSONL that TRL's trainers accept as is."""
+    from retrain import export
+
+    settings = load_settings()
+    try:
+        manifest = export.export(open_store(settings), format, split, out)
+    except (ValueError, export.LeakError) as e:
+        fail(str(e))
+    typer.echo(f"wrote {manifest['rows']} {format} rows ({split}) to {out}; manifest {out}.manifest.json")
 
 
 @app.command("settings")

@@ -62,6 +62,13 @@ class Settings(BaseSettings):
     train_learning_rate: float = Field(2e-4, gt=0, description="Learning rate.")
     train_epochs: float = Field(3, gt=0, description="Epochs over the curated training set.")
     train_batch_size: int = Field(8, ge=1, description="Sequences per optimizer step.")
+    split_ratios: tuple[float, float, float] = Field(
+        (0.8, 0.1, 0.1), description="Train/val/test shares, as a JSON list; a prompt's split is frozen the first time it is seen."
+    )
+    curation_author_cap: int = Field(50, ge=1, description="Most examples one author can have approved per retrain cycle.")
+    auto_approve_thumbs_up: bool = Field(False, description="Approve thumbs-up feedback without review.")
+    trusted_authors: str = Field("", description="Comma-separated authors whose feedback is approved without review.")
+    curators: str = Field("", description="Comma-separated `user:password` logins for the curation page and API; empty leaves them open (loopback only!).")
     gate_min_test_examples: int = Field(20, ge=1, description="Fewest test examples the gate accepts.")
     gate_tolerance: float = Field(0.01, ge=0, description="Largest regression tolerated on secondary metrics.")
 
@@ -79,6 +86,13 @@ class Settings(BaseSettings):
             CronTrigger.from_crontab(v)
         except ValueError as e:
             raise ValueError(f"not a 5-field cron expression ({e}); example: '0 2 * * *'") from None
+        return v
+
+    @field_validator("split_ratios")
+    @classmethod
+    def _ratios(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(v) < 0 or abs(sum(v) - 1) > 1e-6 or v[2] <= 0:
+            raise ValueError("must be three non-negative shares summing to 1 with a test share above 0, e.g. [0.8, 0.1, 0.1]")
         return v
 
     @field_validator("database_url")
@@ -114,6 +128,17 @@ class Settings(BaseSettings):
     @property
     def logs_dir(self) -> Path:
         return self.data_dir / "logs"
+
+    @property
+    def curator_logins(self) -> list[tuple[str, str]]:
+        pairs = [p.split(":", 1) for p in self.curators.split(",") if p.strip()]
+        if any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
+            raise ValueError("TUNELOOP_CURATORS must look like 'alice:password,bob:password'")
+        return [(u.strip(), pw) for u, pw in pairs]
+
+    @property
+    def trusted(self) -> set[str]:
+        return {a.strip() for a in self.trusted_authors.split(",") if a.strip()}
 
     def resolved_dtype(self, has_gpu: bool) -> str:
         if self.dtype != "auto":

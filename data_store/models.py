@@ -98,3 +98,39 @@ class EvalResult(SQLModel, table=True):
     value: float
     per_example: list[float] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     created_at: datetime = Field(default_factory=now)
+
+
+class SplitKey(SQLModel, table=True):
+    """Every prompt ever seen, with its frozen split. Never updated or deleted: an example's split
+    cannot move, even when the example itself is withdrawn and comes back."""
+
+    key: str = Field(primary_key=True, max_length=40)  # hash of the normalized prompt
+    split: str = Field(max_length=8)  # train | val | test
+    minhash: bytes  # signature of the prompt, so near-duplicates can inherit the split
+    created_at: datetime = Field(default_factory=now)
+
+
+class Example(SQLModel, table=True):
+    """One curated training example: from an imported file or from approved feedback."""
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    source: str = Field(max_length=16)  # import | feedback
+    source_ref: str = Field(max_length=300)  # "file.jsonl:12" or "feedback:7"
+    feedback_id: Optional[int] = Field(default=None, foreign_key="feedback.id", unique=True)
+    content_hash: str = Field(max_length=40, unique=True)  # re-importing the same line adds nothing
+    kind: str = Field(default="chat", max_length=16)  # chat | classification
+    prompt: list[dict[str, Any]] = Field(sa_column=Column(JSON, nullable=False))  # messages before the answer
+    chosen: Optional[str] = Field(default=None, sa_column=Column(Text))  # the good answer (or the label)
+    rejected: Optional[str] = Field(default=None, sa_column=Column(Text))  # the bad answer it replaces
+    label: Optional[str] = Field(default=None, max_length=200)  # classification label
+    rating: int = 0  # +1 liked or corrected, -1 disliked, 0 unrated (imports)
+    author: str = Field(default="import", max_length=128, index=True)
+    prompt_key: str = Field(foreign_key="splitkey.key", index=True, max_length=40)
+    created_at: datetime = Field(default_factory=now)
+
+
+class LabelSet(SQLModel, table=True):
+    """The labels of classification data, recorded at import; an unknown label is an error later."""
+
+    label: str = Field(primary_key=True, max_length=200)
+    source_ref: str = Field(max_length=300)

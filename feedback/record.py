@@ -14,6 +14,7 @@ from sqlmodel import select
 
 from data_store.db import session
 from data_store.models import Feedback, Message, now
+from settings import Settings
 
 UNSET: Any = object()  # "not given": leave the field as it is (None means clear it)
 RATINGS = ("up", "down")
@@ -40,19 +41,21 @@ def check(rating: Any, correction: Any, comment: Any, max_chars: int) -> None:
         raise FeedbackError("correction is empty; send the corrected answer, or null to withdraw the correction")
 
 
-def record(engine: Engine, message_id: int, *, rating: Any = UNSET, correction: Any = UNSET, comment: Any = UNSET,
-           author: str = "anonymous", max_chars: int = 16000) -> Feedback:
-    check(rating, correction, comment, max_chars)
+def record(engine: Engine, settings: Settings, message_id: int, *, rating: Any = UNSET, correction: Any = UNSET,
+           comment: Any = UNSET, author: str = "anonymous") -> Feedback:
+    check(rating, correction, comment, settings.max_input_chars)
     for attempt in range(2):
         try:
-            return _upsert(engine, message_id, rating, correction, comment, author)
+            return _upsert(engine, settings, message_id, rating, correction, comment, author)
         except IntegrityError:
             if attempt:  # two first clicks raced on the unique message_id: the loser updates
                 raise
     raise AssertionError("unreachable")
 
 
-def _upsert(engine: Engine, message_id: int, rating: Any, correction: Any, comment: Any, author: str) -> Feedback:
+def _upsert(engine: Engine, settings: Settings, message_id: int, rating: Any, correction: Any, comment: Any,
+            author: str) -> Feedback:
+    from feedback import curation  # curation builds on this module
     with session(engine) as s:
         msg = s.get(Message, message_id)
         if msg is None:
@@ -69,10 +72,14 @@ def _upsert(engine: Engine, message_id: int, rating: Any, correction: Any, comme
             fb.correction = None if correction is None or correction == msg.content else correction
         if comment is not UNSET:
             fb.comment = comment or None
-        fb.status = "pending"
-        fb.updated_at = now()
-        s.add(fb)
+        # Any change goes back to review; an approved example of the old version is withdrawn.
+        curation.withdraw_in(s, fb, "pending")
         s.flush()
+        if curation.auto_approves(settings, fb):
+            try:
+                curation.approve_in(s, settings, fb)
+            except curation.CurationError:
+                pass  # over the author's cap, or nothing to learn: it waits for a curator
         return fb
 
 

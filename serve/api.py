@@ -6,8 +6,11 @@ when vLLM cannot answer; nothing is stored for a request that fails.
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
+from dataclasses import asdict
+from datetime import datetime
 from itertools import chain
 from typing import Any, Literal, Optional, Union
 
@@ -18,6 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from data_store.db import ping
+from feedback import curation
 from feedback import record as feedback
 from serve import adapters
 from serve.chat import ChatInputError, Turn
@@ -74,6 +78,22 @@ class FeedbackRequest(BaseModel):
     author: Optional[str] = Field(None, max_length=128)
 
 
+class ApproveRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    correction: Optional[str] = None
+
+
+class BulkRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    action: Literal["approve", "reject"]
+    status: Optional[Literal["pending", "approved", "rejected"]] = "pending"
+    rating: Optional[Literal["up", "down", "none"]] = None
+    adapter: Optional[str] = None
+    author: Optional[str] = None
+    since: Optional[datetime] = None
+    until: Optional[datetime] = None
+
+
 class PromoteRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
@@ -113,6 +133,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _fb(_request: Request, exc: feedback.FeedbackError):
         return error(exc.status, str(exc), "not_found" if exc.status == 404 else "invalid_request_error")
 
+    @app.exception_handler(curation.CurationError)
+    async def _cur(_request: Request, exc: curation.CurationError):
+        return error(exc.status, str(exc), "not_found" if exc.status == 404 else "invalid_request_error")
+
     @app.exception_handler(adapters.AdapterError)
     async def _adapter(_request: Request, exc: adapters.AdapterError):
         return error(400, str(exc))
@@ -128,6 +152,20 @@ def router(services: Services) -> APIRouter:
         token = settings.admin_token
         if token and not secrets.compare_digest((authorization or "").encode(), f"Bearer {token}".encode()):
             raise _Forbidden()
+
+    def require_curator(authorization: Optional[str] = Header(None)) -> None:
+        # With curators configured, curation needs one of their logins (HTTP Basic) or the admin token.
+        logins = settings.curator_logins
+        if not logins and not settings.admin_token:
+            return
+        given = authorization or ""
+        if settings.admin_token and secrets.compare_digest(given.encode(), f"Bearer {settings.admin_token}".encode()):
+            return
+        for user, password in logins:
+            expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+            if secrets.compare_digest(given.encode(), expected.encode()):
+                return
+        raise _Forbidden()
 
     @api.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
@@ -145,9 +183,9 @@ def router(services: Services) -> APIRouter:
     async def post_feedback(req: FeedbackRequest):
         given = req.model_dump(exclude_unset=True)
         fb = await run_in_threadpool(
-            feedback.record, services.engine, req.message_id,
+            feedback.record, services.engine, settings, req.message_id,
             rating=given.get("rating", feedback.UNSET), correction=given.get("correction", feedback.UNSET),
-            comment=given.get("comment", feedback.UNSET), author=req.author or "api", max_chars=settings.max_input_chars,
+            comment=given.get("comment", feedback.UNSET), author=req.author or "api",
         )
         return fb.model_dump(mode="json")
 
@@ -166,9 +204,39 @@ def router(services: Services) -> APIRouter:
         report["vllm"] = {"url": services.vllm.url, "status": "ok" if vllm_ok else "unavailable"}
         if services.supervisor is not None:
             report["vllm"].update(state=services.supervisor.state, restarts=services.supervisor.restarts)
+            vllm_ok = vllm_ok and services.supervisor.state == "ready"
         report["base_model"] = chat.base_name
         ok = ok and vllm_ok
         return JSONResponse(report, status_code=200 if ok else 503)
+
+    curate = APIRouter(prefix="/api/curation", dependencies=[Depends(require_curator)])
+
+    @curate.get("/queue")
+    async def queue(status: Optional[str] = "pending", rating: Optional[str] = None, adapter: Optional[str] = None,
+                    author: Optional[str] = None, since: Optional[datetime] = None, until: Optional[datetime] = None,
+                    limit: int = 200):
+        f = curation.Filters(status or None, rating, adapter, author, since, until)
+        items = await run_in_threadpool(curation.queue, services.engine, f, min(max(limit, 1), 1000))
+        return {"counts": await run_in_threadpool(curation.counts, services.engine),
+                "items": [asdict(i) | {"updated_at": i.updated_at.isoformat()} for i in items]}
+
+    @curate.post("/{feedback_id}/approve")
+    async def approve(feedback_id: int, req: ApproveRequest):
+        ex = await run_in_threadpool(curation.approve, services.engine, settings, feedback_id, req.correction)
+        return {"feedback_id": feedback_id, "status": "approved", "example_id": ex.id}
+
+    @curate.post("/{feedback_id}/reject")
+    async def reject(feedback_id: int):
+        await run_in_threadpool(curation.reject, services.engine, feedback_id)
+        return {"feedback_id": feedback_id, "status": "rejected"}
+
+    @curate.post("/bulk")
+    async def bulk(req: BulkRequest):
+        f = curation.Filters(req.status, req.rating, req.adapter, req.author, req.since, req.until)
+        report = await run_in_threadpool(curation.bulk, services.engine, settings, req.action, f)
+        return asdict(report)
+
+    api.include_router(curate)
 
     @api.get("/api/adapters")
     async def list_adapters():
@@ -195,7 +263,8 @@ class _Forbidden(Exception):
 def install_auth_handler(app: FastAPI) -> None:
     @app.exception_handler(_Forbidden)
     async def _forbidden(_request: Request, _exc: _Forbidden):
-        return error(401, "this endpoint needs the admin token: send 'Authorization: Bearer <TUNELOOP_ADMIN_TOKEN>'", "unauthorized")
+        return error(401, "this endpoint needs a curator login (HTTP Basic, TUNELOOP_CURATORS) or the admin token "
+                          "('Authorization: Bearer <TUNELOOP_ADMIN_TOKEN>')", "unauthorized")
 
 
 def _completion(turn: Turn, base_name: str) -> dict[str, Any]:

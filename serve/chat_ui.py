@@ -77,7 +77,7 @@ def build(services: Services) -> gr.Blocks:
         if mid is None:
             return "That message was not stored, so it cannot be rated."
         rating = {True: "up", False: "down"}.get(data.liked) if isinstance(data.liked, bool) else None
-        feedback.record(engine, mid, rating=rating, author=_author(request), max_chars=settings.max_input_chars)
+        feedback.record(engine, settings, mid, rating=rating, author=_author(request))
         return f"Thanks: rated {'👍' if rating == 'up' else '👎' if rating == 'down' else 'nothing'} (message {mid})."
 
     def on_edit(history: list[dict], state: dict, data: gr.EditData, request: gr.Request):
@@ -88,7 +88,7 @@ def build(services: Services) -> gr.Blocks:
             history[i]["content"] = text_of(data.previous_value)
             return history, "Only the model's answers can be corrected."
         try:
-            feedback.record(engine, mid, correction=text_of(data.value), author=_author(request), max_chars=settings.max_input_chars)
+            feedback.record(engine, settings, mid, correction=text_of(data.value), author=_author(request))
         except feedback.FeedbackError as e:
             history[i]["content"] = text_of(data.previous_value)
             return history, f"Correction not saved: {e}"
@@ -99,7 +99,7 @@ def build(services: Services) -> gr.Blocks:
         if not answers:
             return text, "There is no answer to comment on yet."
         try:
-            feedback.record(engine, answers[-1], comment=text or None, author=_author(request), max_chars=settings.max_input_chars)
+            feedback.record(engine, settings, answers[-1], comment=text or None, author=_author(request))
         except feedback.FeedbackError as e:
             return text, f"Comment not saved: {e}"
         return "", f"Comment saved for message {answers[-1]}."

@@ -108,16 +108,26 @@ class VLLMSupervisor:
                     f"vLLM exited with code {self.proc.returncode} during start-up; see {self.settings.logs_dir / 'vllm.log'}"
                 )
             if healthy(self.url):
-                self.state = "ready"
-                if self.on_ready:
-                    self.on_ready()
+                self._after_ready()
                 return
             time.sleep(1)
         raise TimeoutError(f"vLLM was not healthy after {self.settings.vllm_startup_timeout_s:.0f}s; see {self.settings.logs_dir / 'vllm.log'}")
 
+    def _after_ready(self) -> None:
+        """Ready means serving what the database says is active; until then say why not."""
+        try:
+            if self.on_ready:
+                self.on_ready()
+            self.state = "ready"
+        except Exception as e:
+            self.state = "adapter-reload-failed"
+            log.exception("vLLM is up but re-loading the active adapter failed (%s); retrying", e)
+
     def _watch(self) -> None:
         while not self._stopping.wait(2):
             proc = self.proc
+            if proc is not None and proc.poll() is None and self.state == "adapter-reload-failed":
+                self._after_ready()
             if proc is None or proc.poll() is None:
                 continue
             if self._stopping.is_set():

@@ -51,13 +51,13 @@ def count(engine, model) -> int:
         return s.exec(select(func.count()).select_from(model)).one()
 
 
-def test_feedback_updates_one_record(engine):
+def test_feedback_updates_one_record(engine, settings):
     mid = add_turn(engine)
-    feedback.record(engine, mid, rating="up")
-    feedback.record(engine, mid, rating="up")  # same thumb twice
-    feedback.record(engine, mid, rating="down")  # changed mind
-    feedback.record(engine, mid, correction="Paris is the capital of France.")
-    feedback.record(engine, mid, comment="too terse")
+    feedback.record(engine, settings, mid, rating="up")
+    feedback.record(engine, settings, mid, rating="up")  # same thumb twice
+    feedback.record(engine, settings, mid, rating="down")  # changed mind
+    feedback.record(engine, settings, mid, correction="Paris is the capital of France.")
+    feedback.record(engine, settings, mid, comment="too terse")
     assert count(engine, Feedback) == 1
     fb = feedback.get(engine, mid)
     assert (fb.rating, fb.correction, fb.comment, fb.status) == ("down", "Paris is the capital of France.", "too terse", "pending")
@@ -65,20 +65,20 @@ def test_feedback_updates_one_record(engine):
         assert s.get(Message, mid).content == "The capital of France is Paris."  # the original is kept
 
 
-def test_editing_back_to_original_withdraws_correction(engine):
+def test_editing_back_to_original_withdraws_correction(engine, settings):
     mid = add_turn(engine)
-    feedback.record(engine, mid, correction="Something else")
-    feedback.record(engine, mid, correction="The capital of France is Paris.")
+    feedback.record(engine, settings, mid, correction="Something else")
+    feedback.record(engine, settings, mid, correction="The capital of France is Paris.")
     assert feedback.get(engine, mid).correction is None
 
 
-def test_concurrent_first_clicks_make_one_record(engine):
+def test_concurrent_first_clicks_make_one_record(engine, settings):
     mid = add_turn(engine)
     errors = []
 
     def click(r):
         try:
-            feedback.record(engine, mid, rating=r)
+            feedback.record(engine, settings, mid, rating=r)
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
@@ -95,17 +95,18 @@ def test_concurrent_first_clicks_make_one_record(engine):
     ({"correction": "x" * 20}, "above the limit"),
     ({"comment": 5}, "comment must be text"),
 ])
-def test_bad_feedback_is_rejected_and_nothing_stored(engine, kw, message):
+def test_bad_feedback_is_rejected_and_nothing_stored(engine, settings, kw, message):
     mid = add_turn(engine)
+    settings.max_input_chars = 10
     with pytest.raises(feedback.FeedbackError, match=message):
-        feedback.record(engine, mid, max_chars=10, **kw)
+        feedback.record(engine, settings, mid, **kw)
     assert count(engine, Feedback) == 0
 
 
-def test_feedback_on_unknown_or_user_message(engine):
+def test_feedback_on_unknown_or_user_message(engine, settings):
     mid = add_turn(engine)
     with pytest.raises(feedback.FeedbackError) as e:
-        feedback.record(engine, 999, rating="up")
+        feedback.record(engine, settings, 999, rating="up")
     assert e.value.status == 404
     with pytest.raises(feedback.FeedbackError, match="user message"):
-        feedback.record(engine, mid - 1, rating="up")
+        feedback.record(engine, settings, mid - 1, rating="up")

@@ -1,0 +1,129 @@
+"""The curation page (mounted at /curate, behind the curator login when one is configured).
+
+Curators filter the queue, read each item in its conversation, edit the correction, and approve
+or reject one item or everything the filter shows. User text is shown in plain text boxes and
+table cells, never rendered as HTML.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+import gradio as gr
+
+from feedback import curation
+from feedback.record import FeedbackError
+from serve.services import Services
+
+COLUMNS = ["id", "status", "rating", "author", "adapter", "question", "answer", "correction", "comment", "updated"]
+
+
+def _date(text: str, field: str) -> Optional[datetime]:
+    if not (text or "").strip():
+        return None
+    try:
+        return datetime.fromisoformat(text.strip()).replace(tzinfo=timezone.utc)
+    except ValueError:
+        raise gr.Error(f"{field} {text!r} is not a date; use YYYY-MM-DD") from None
+
+
+def _clip(text: Optional[str], n: int = 120) -> str:
+    text = text or ""
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _question(context: list[dict[str, str]]) -> str:
+    users = [m["content"] for m in context if m["role"] == "user"]
+    return users[-1] if users else ""
+
+
+def build(services: Services) -> gr.Blocks:
+    engine, settings = services.engine, services.settings
+
+    def filters(status, rating, adapter, author, since, until) -> curation.Filters:
+        return curation.Filters(None if status == "all" else status, None if rating == "any" else rating,
+                                (adapter or "").strip() or None, (author or "").strip() or None,
+                                _date(since, "since"), _date(until, "until"))
+
+    def load(status, rating, adapter, author, since, until):
+        items = curation.queue(engine, filters(status, rating, adapter, author, since, until))
+        c = curation.counts(engine)
+        rows = [[i.feedback_id, i.status, i.rating or "", i.author, i.adapter or "base", _clip(_question(i.context)),
+                 _clip(i.answer), _clip(i.correction), _clip(i.comment), i.updated_at.strftime("%Y-%m-%d %H:%M")] for i in items]
+        label = f"Pending: **{c['pending']}** · Approved: **{c['approved']}** · Rejected: **{c['rejected']}** · showing {len(rows)}"
+        return gr.update(value=rows or [[""] * len(COLUMNS)]), label
+
+    def pick(rows: Any, evt: gr.SelectData):
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        try:
+            return int(rows.iloc[row, 0])
+        except (ValueError, IndexError, AttributeError):
+            return None
+
+    def show(fid: Optional[float]):
+        if not fid:
+            return "", "", "", ""
+        found = [i for i in curation.queue(engine, curation.Filters(status=None), limit=100000) if i.feedback_id == int(fid)]
+        if not found:
+            raise gr.Error(f"feedback {int(fid)} does not exist")
+        i = found[0]
+        convo = "\n\n".join(f"[{m['role']}] {m['content']}" for m in i.context)
+        return convo, i.answer, i.correction or "", f"{i.rating or 'no rating'} · {i.author} · {i.status} · comment: {i.comment or '-'}"
+
+    def act(action: str, fid: Optional[float], correction: str, *flt):
+        if not fid:
+            raise gr.Error("pick a feedback item first (click its row, or type its id)")
+        try:
+            if action == "approve":
+                curation.approve(engine, settings, int(fid), correction if correction.strip() else None)
+            else:
+                curation.reject(engine, int(fid))
+        except (curation.CurationError, FeedbackError) as e:
+            raise gr.Error(str(e))
+        table, label = load(*flt)
+        return table, label, f"Feedback {int(fid)} {action}d."
+
+    def act_all(action: str, *flt):
+        report = curation.bulk(engine, settings, action, filters(*flt))
+        table, label = load(*flt)
+        skipped = "".join(f"\n- {s}" for s in report.skipped[:20])
+        return table, label, f"{action.title()}d {report.done} item(s).{' Skipped:' + skipped if skipped else ''}"
+
+    with gr.Blocks(title="tuneloop curation") as demo:
+        gr.Markdown("## Curation\nApproved feedback becomes training data at the next retrain. Nothing is trained on until approved.")
+        counts = gr.Markdown(elem_id="counts")
+        with gr.Row():
+            status = gr.Dropdown(["pending", "approved", "rejected", "all"], value="pending", label="Status", elem_id="f-status")
+            rating = gr.Dropdown(["any", "up", "down", "none"], value="any", label="Rating", elem_id="f-rating")
+            adapter = gr.Textbox(label="Adapter (or 'base')", elem_id="f-adapter")
+            author = gr.Textbox(label="Author", elem_id="f-author")
+            since = gr.Textbox(label="Since (YYYY-MM-DD)", elem_id="f-since")
+            until = gr.Textbox(label="Until (YYYY-MM-DD)", elem_id="f-until")
+        flt = [status, rating, adapter, author, since, until]
+        with gr.Row():
+            refresh = gr.Button("Refresh", elem_id="refresh")
+            approve_all = gr.Button("Approve all shown", elem_id="approve-all")
+            reject_all = gr.Button("Reject all shown", elem_id="reject-all", variant="stop")
+        table = gr.Dataframe(headers=COLUMNS, interactive=False, wrap=True, elem_id="queue")
+        with gr.Row():
+            fid = gr.Number(label="Feedback id", precision=0, elem_id="fid")
+            meta = gr.Textbox(label="Rating · author · status", interactive=False, elem_id="meta")
+        context = gr.Textbox(label="Conversation before the answer", interactive=False, lines=4, elem_id="context")
+        answer = gr.Textbox(label="Model's answer", interactive=False, lines=3, elem_id="answer")
+        correction = gr.Textbox(label="Correction (edit before approving)", lines=3, elem_id="correction",
+                                max_length=settings.max_input_chars)
+        with gr.Row():
+            approve = gr.Button("Approve", variant="primary", elem_id="approve")
+            reject = gr.Button("Reject", elem_id="reject")
+        result = gr.Markdown(elem_id="result")
+
+        for trigger in (refresh.click, demo.load, status.change, rating.change):
+            trigger(load, flt, [table, counts])
+        table.select(pick, [table], [fid])
+        fid.change(show, [fid], [context, answer, correction, meta])
+        approve.click(lambda *a: act("approve", *a), [fid, correction, *flt], [table, counts, result])
+        reject.click(lambda *a: act("reject", *a), [fid, correction, *flt], [table, counts, result])
+        approve_all.click(lambda *a: act_all("approve", *a), flt, [table, counts, result])
+        reject_all.click(lambda *a: act_all("reject", *a), flt, [table, counts, result])
+    return demo
