@@ -1,0 +1,127 @@
+"""The review queue over a real store: approval makes examples, caps and auto-approval hold."""
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlmodel import func, select
+
+from data_store.db import session
+from data_store.models import Example, Feedback
+from feedback import curation
+from feedback import record as feedback
+from retrain import export
+from serve.chat import ChatService
+from serve.client import VLLMClient
+from serve.services import Services
+from serve.web import build_app
+from test_store import add_turn
+
+
+def examples(engine):
+    with session(engine) as s:
+        return s.exec(select(Example).order_by(Example.id)).all()
+
+
+def corrected(engine, settings, author="alice", answer="Lyon is the capital.", question=None):
+    mid = add_turn(engine, answer)
+    return feedback.record(engine, settings, mid, rating="down", correction="Paris is the capital of France.", author=author)
+
+
+def test_feedback_waits_in_queue_until_approved(engine, settings):
+    fb = corrected(engine, settings)
+    assert fb.status == "pending" and examples(engine) == []
+    assert curation.counts(engine) == {"pending": 1, "approved": 0, "rejected": 0}
+    [item] = curation.queue(engine, curation.Filters())
+    assert item.context == [{"role": "user", "content": "What is the capital of France?"}]
+    assert (item.answer, item.correction) == ("Lyon is the capital.", "Paris is the capital of France.")
+    ex = curation.approve(engine, settings, fb.id)
+    assert (ex.chosen, ex.rejected, ex.prompt[-1]["content"]) == ("Paris is the capital of France.", "Lyon is the capital.", "What is the capital of France?")
+    assert curation.counts(engine)["approved"] == 1
+
+
+def test_curator_edits_correction_before_approving(engine, settings):
+    fb = corrected(engine, settings)
+    ex = curation.approve(engine, settings, fb.id, correction="Paris.")
+    assert ex.chosen == "Paris."
+    with session(engine) as s:
+        assert s.get(Feedback, fb.id).correction == "Paris."
+
+
+def test_reject_and_change_withdraw_the_example(engine, settings):
+    fb = corrected(engine, settings)
+    curation.approve(engine, settings, fb.id)
+    feedback.record(engine, settings, fb.message_id, correction="Paris!")  # the user changed it
+    assert examples(engine) == [] and feedback.get(engine, fb.message_id).status == "pending"
+    curation.approve(engine, settings, fb.id)
+    curation.reject(engine, fb.id)
+    assert examples(engine) == [] and curation.counts(engine)["rejected"] == 1
+
+
+def test_comment_only_feedback_cannot_be_approved(engine, settings):
+    mid = add_turn(engine)
+    fb = feedback.record(engine, settings, mid, comment="hmm")
+    with pytest.raises(curation.CurationError, match="nothing to learn"):
+        curation.approve(engine, settings, fb.id)
+
+
+def test_filters(engine, settings):
+    a = corrected(engine, settings, author="alice")
+    b = feedback.record(engine, settings, add_turn(engine), rating="up", author="bob")
+    assert [i.feedback_id for i in curation.queue(engine, curation.Filters(author="bob"))] == [b.id]
+    assert [i.feedback_id for i in curation.queue(engine, curation.Filters(rating="down"))] == [a.id]
+    assert len(curation.queue(engine, curation.Filters(adapter="base"))) == 2
+    assert curation.queue(engine, curation.Filters(adapter="v0009")) == []
+    with pytest.raises(curation.CurationError):
+        curation.queue(engine, curation.Filters(status="bogus"))
+
+
+def test_bulk_approve_on_filter_respects_author_cap(engine, settings):
+    settings.curation_author_cap = 3
+    for _ in range(5):
+        corrected(engine, settings, author="mallory")
+    corrected(engine, settings, author="alice")
+    report = curation.bulk(engine, settings, "approve", curation.Filters(author="mallory"))
+    assert report.done == 3 and len(report.skipped) == 2 and "cap" in report.skipped[0]
+    assert curation.counts(engine) == {"pending": 3, "approved": 3, "rejected": 0}
+    assert curation.bulk(engine, settings, "reject", curation.Filters(status="pending")).done == 3
+
+
+def test_auto_approval_policy(engine, settings):
+    settings.auto_approve_thumbs_up = True
+    settings.trusted_authors = "carol"
+    up = feedback.record(engine, settings, add_turn(engine), rating="up", author="dave")
+    down = feedback.record(engine, settings, add_turn(engine), rating="down", author="dave")
+    trusted = corrected(engine, settings, author="carol")
+    assert (up.status, down.status, trusted.status) == ("approved", "pending", "approved")
+    assert len(examples(engine)) == 2
+
+
+def test_approved_feedback_exports_sft_and_dpo(engine, settings, tmp_path):
+    fb = corrected(engine, settings)
+    curation.approve(engine, settings, fb.id)
+    built = export.build(engine)
+    split = next(k for k, v in built.splits.items() if v)
+    sft = export.export(engine, "sft", split, tmp_path / "sft.jsonl", built)
+    dpo = export.export(engine, "dpo", split, tmp_path / "dpo.jsonl", built)
+    assert sft["rows"] == dpo["rows"] == 1 and sft["feedback_ids"] == [fb.id]
+    assert "Paris is the capital of France." in (tmp_path / "dpo.jsonl").read_text()
+
+
+def test_curation_api_needs_login_when_configured(settings, engine):
+    settings.curators = "cur:pw"
+    vllm = VLLMClient(settings.served_vllm_url)
+    services = Services(settings, engine, vllm, ChatService(settings, engine, vllm, "tiny"), "tiny")
+    fb = corrected(engine, settings)
+    with TestClient(build_app(services)) as c:
+        assert c.get("/api/curation/queue").status_code == 401
+        assert c.post(f"/api/curation/{fb.id}/approve", json={}).status_code == 401
+        assert c.get("/api/curation/queue", auth=("cur", "wrong")).status_code == 401
+        r = c.get("/api/curation/queue", auth=("cur", "pw"))
+        assert r.status_code == 200 and r.json()["counts"]["pending"] == 1
+        r = c.post(f"/api/curation/{fb.id}/approve", json={"correction": "Paris."}, auth=("cur", "pw"))
+        assert r.status_code == 200
+        assert c.post("/api/curation/999/reject", auth=("cur", "pw")).status_code == 404
+        # The curation page asks for a login; the chat page does not.
+        assert c.get("/curate/config").status_code in (401, 403) or "login" in c.get("/curate/").text.lower()
+        assert c.get("/").status_code == 200
+    with session(engine) as s:
+        assert s.exec(select(func.count()).select_from(Example)).one() == 1
