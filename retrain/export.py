@@ -32,9 +32,11 @@ class LeakError(RuntimeError):
 class Built:
     splits: dict[str, list[Item]] = field(default_factory=dict)
     duplicates: dict[int, int] = field(default_factory=dict)  # dropped example id -> kept example id
+    decontaminated: dict[int, int] = field(default_factory=dict)  # train/val id dropped -> its test twin
 
     def report(self) -> dict[str, Any]:
-        return {"examples": {k: len(v) for k, v in self.splits.items()}, "near_duplicates_dropped": len(self.duplicates)}
+        return {"examples": {k: len(v) for k, v in self.splits.items()}, "near_duplicates_dropped": len(self.duplicates),
+                "decontaminated": len(self.decontaminated)}
 
 
 def load(engine: Engine) -> tuple[list[Item], np.ndarray]:
@@ -47,7 +49,13 @@ def load(engine: Engine) -> tuple[list[Item], np.ndarray]:
 
 
 def build(engine: Engine) -> Built:
-    """Dedupe within each split (near-duplicates always share one) and prove test never leaks into train."""
+    """Dedupe within each split, decontaminate train and val against test, and prove test never
+    leaks into train.
+
+    Splits are frozen per prompt, and near-duplicates inherit the split of the first one seen; but a
+    new prompt can be a near-duplicate of a train prompt and of a test prompt at once, and then no
+    split is safe for it. The test set wins: such train/val items are left out and counted.
+    """
     items, sigs = load(engine)
     built = Built()
     kept_sigs = {}
@@ -58,6 +66,14 @@ def build(engine: Engine) -> Built:
         built.duplicates.update(dropped)
         by_id = {items[i].id: sigs[i] for i in idx}
         kept_sigs[name] = np.stack([by_id[it.id] for it in kept]) if kept else sigs[:0]
+    for name in ("train", "val"):
+        # Index test, ask with every train/val item: each one with any test twin goes.
+        contaminated = dict(dataset.overlap(built.splits["test"], kept_sigs["test"], built.splits[name], kept_sigs[name]))
+        if contaminated:
+            keep = [i for i, it in enumerate(built.splits[name]) if it.id not in contaminated]
+            built.splits[name] = [built.splits[name][i] for i in keep]
+            kept_sigs[name] = kept_sigs[name][keep]
+            built.decontaminated.update(contaminated)
     check_no_leak(built, kept_sigs)
     return built
 

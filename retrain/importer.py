@@ -88,17 +88,18 @@ def import_file(engine: Engine, settings: Settings, path: Path, skip_invalid: bo
     splits = assign(engine, settings, {keys[h]: r.prompt for h, r in unique.items()})
     stamp = now()
     with session(engine) as s:
+        conn = s.connection()  # Core inserts: the ORM's per-row bookkeeping is the slow part at 100k rows
         if splits.new_rows:
-            s.execute(insert(SplitKey), splits.new_rows)
+            conn.execute(insert(SplitKey.__table__), splits.new_rows)
         if unique:
-            s.execute(insert(Example), [
+            conn.execute(insert(Example.__table__), [
                 dict(source="import", source_ref=r.source_ref[:300], content_hash=h, kind=r.kind, prompt=r.prompt,
                      chosen=r.chosen, rejected=r.rejected, label=r.label, rating=r.rating, author=r.author,
                      prompt_key=keys[h], created_at=stamp, feedback_id=None)
                 for h, r in unique.items()])
         new_labels = {lab: ln for lab, ln in parsed.labels.items() if lab not in (allowed or set())}
         if new_labels:
-            s.execute(insert(LabelSet), [{"label": lab, "source_ref": f"{path.name}:{ln}"} for lab, ln in new_labels.items()])
+            conn.execute(insert(LabelSet.__table__), [{"label": lab, "source_ref": f"{path.name}:{ln}"} for lab, ln in new_labels.items()])
     report.added = len(unique)
     for h in unique:
         report.splits[splits.of[keys[h]]] = report.splits.get(splits.of[keys[h]], 0) + 1

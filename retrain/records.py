@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
 MAX_LINE_BYTES = 1 << 20  # one example above 1 MB is a mistake, not data
@@ -133,13 +133,14 @@ def normalize_ws(text: str) -> str:
 
 
 def clean(records: list[Record], max_chars: int) -> tuple[list[Record], Counter]:
-    """Normalize whitespace; drop empty and over-long examples, counting each reason."""
+    """Normalize whitespace (in place: the records are freshly parsed); drop empty and over-long
+    examples, counting each reason."""
     kept: list[Record] = []
     dropped: Counter = Counter()
     for r in records:
-        r = replace(r, prompt=[{**m, "content": normalize_ws(m["content"])} for m in r.prompt],
-                    chosen=None if r.chosen is None else normalize_ws(r.chosen),
-                    rejected=None if r.rejected is None else normalize_ws(r.rejected))
+        r.prompt = [{"role": m["role"], "content": normalize_ws(m["content"])} for m in r.prompt]
+        r.chosen = None if r.chosen is None else normalize_ws(r.chosen)
+        r.rejected = None if r.rejected is None else normalize_ws(r.rejected)
         texts = [m["content"] for m in r.prompt] + [t for t in (r.chosen, r.rejected) if t is not None]
         if not r.prompt[-1]["content"] or (r.chosen is not None and not r.chosen) or (r.chosen is None and not r.rejected):
             dropped["empty"] += 1

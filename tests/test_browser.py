@@ -102,3 +102,44 @@ def test_second_turn_continues_the_conversation(page, live):
 def _last_assistant(live):
     with session(live.engine) as s:
         return s.exec(select(Message).where(Message.role == "assistant").order_by(Message.id.desc())).first()
+
+
+def test_ui_feedback_to_curator_approval_to_export(page, browser, live, live_url, tmp_path):
+    import json
+    import re
+
+    from retrain import export
+
+    answer = send(page, "What is the capital of Spain?")
+    page.locator("#chat button[aria-label='Dislike']").last.click()
+    wait_until(lambda: "rated 👎" in page.locator("#status").inner_text())
+    page.locator("#chat button[aria-label='Edit']").last.click()
+    page.locator("#chat textarea.edit-textarea").fill("Madrid is the capital of Spain.")
+    page.locator("#chat button[aria-label='Submit']").click()
+    wait_until(lambda: "Correction saved" in page.locator("#status").inner_text())
+    with session(live.engine) as s:
+        fb = s.exec(select(Feedback).where(Feedback.correction == "Madrid is the capital of Spain.")).one()
+    assert fb.status == "pending"
+
+    curator = browser.new_page()
+    curator.goto(f"{live_url}/curate/")
+    cell = curator.locator("#queue [role=gridcell]").filter(has_text=re.compile(rf"^\s*{fb.id}\s*$"))
+    cell.first.wait_for()
+    cell.first.click()
+    wait_until(lambda: curator.locator("#correction textarea").input_value() == "Madrid is the capital of Spain.")
+    assert curator.locator("#answer textarea").input_value() == answer
+    curator.locator("#approve").click()
+    wait_until(lambda: f"Feedback {fb.id} approved" in curator.locator("#result").inner_text())
+    curator.close()
+
+    built = export.build(live.engine)
+    split = next(name for name, items in built.splits.items() if any(it.feedback_id == fb.id for it in items))
+    export.export(live.engine, "sft", split, tmp_path / "sft.jsonl", built)
+    export.export(live.engine, "dpo", split, tmp_path / "dpo.jsonl", built)
+    sft = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
+    dpo = [json.loads(line) for line in (tmp_path / "dpo.jsonl").read_text().splitlines()]
+    assert {"messages": [{"role": "user", "content": "What is the capital of Spain?"},
+                         {"role": "assistant", "content": "Madrid is the capital of Spain."}]} in sft
+    assert {"prompt": [{"role": "user", "content": "What is the capital of Spain?"}],
+            "chosen": [{"role": "assistant", "content": "Madrid is the capital of Spain."}],
+            "rejected": [{"role": "assistant", "content": answer}]} in dpo
