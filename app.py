@@ -83,10 +83,14 @@ def serve(host: Optional[str] = typer.Option(None, help="Override TUNELOOP_HOST.
         services.supervisor.start()
     else:
         services.reload_active()
-    typer.echo(f"tuneloop is serving at http://{settings.host}:{settings.port}")
+    from retrain.schedule import start_scheduler
+
+    scheduler = start_scheduler(settings)
+    typer.echo(f"tuneloop is serving at http://{settings.host}:{settings.port} (curation: /curate; retrain schedule {settings.schedule} UTC)")
     try:
         uvicorn.run(build_app(services), host=settings.host, port=settings.port, log_level="warning")
     finally:
+        scheduler.shutdown(wait=False)
         if services.supervisor:
             services.supervisor.stop()
 
@@ -219,6 +223,50 @@ def data_export(format: str = typer.Option("sft", help="sft (messages), dpo (pro
     except (ValueError, export.LeakError) as e:
         fail(str(e))
     typer.echo(f"wrote {manifest['rows']} {format} rows ({split}) to {out}; manifest {out}.manifest.json")
+
+
+@app.command()
+def retrain(now: bool = typer.Option(False, "--now", help="Run one cycle now on the running service."),
+            force: bool = typer.Option(False, help="Train even with fewer new approved examples than the threshold.")) -> None:
+    """Run a retrain cycle now: train, evaluate against the active version, promote if better."""
+    import time
+
+    import httpx
+    from tqdm import tqdm
+
+    if not now:
+        fail("the nightly cycle runs inside `tuneloop serve`; use --now to run one immediately")
+    settings = load_settings()
+    started = _through_app(settings, f"/api/curation/retrain?force={'true' if force else 'false'}")
+    if started is None:
+        fail(f"the service is not running at {settings.host}:{settings.port}; start it with `make run` "
+             "(a cycle evaluates through its vLLM server)")
+    run_id = started["run_id"]
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    headers = {"Authorization": f"Bearer {settings.admin_token}"} if settings.admin_token else {}
+    bar = tqdm(desc=f"run {run_id}", unit="step", total=None)
+    while True:
+        run = httpx.get(f"http://{host}:{settings.port}/api/curation/runs/{run_id}", headers=headers, timeout=30).json()
+        steps = [h for h in run.get("history") or [] if "step" in h]
+        if steps:
+            last = steps[-1]
+            bar.total = last.get("max_steps") or bar.total
+            bar.n = last["step"]
+            bar.set_postfix(loss=last.get("loss", last.get("eval_loss")), eta_s=last.get("eta_s"))
+            bar.refresh()
+        else:
+            bar.set_postfix_str(run["status"])
+        if run["status"] != "running":
+            break
+        time.sleep(2)
+    bar.close()
+    if run["status"] == "succeeded":
+        typer.echo(("PROMOTED " if run["decision"]["promote"] else "KEPT OUT ") + run["decision"]["candidate"])
+        typer.echo(run["decision"]["summary"])
+    else:
+        typer.echo(f"{run['status']}: {run['reason']}")
+        if run["status"] == "failed":
+            raise typer.Exit(1)
 
 
 @app.command("settings")

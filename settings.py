@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     auto_approve_thumbs_up: bool = Field(False, description="Approve thumbs-up feedback without review.")
     trusted_authors: str = Field("", description="Comma-separated authors whose feedback is approved without review.")
     curators: str = Field("", description="Comma-separated `user:password` logins for the curation page and API; empty leaves them open (loopback only!).")
+    retrain_min_new_examples: int = Field(10, ge=0, description="A cycle is skipped (with the reason recorded) when fewer new examples were approved since the last one.")
+    gate_primary_metric: Literal["nll", "chrf", "token_f1", "exact_match", "bleu", "accuracy"] = Field(
+        "nll", description="The metric the candidate must beat the active version on (nll: lower is better).")
     gate_min_test_examples: int = Field(20, ge=1, description="Fewest test examples the gate accepts.")
     gate_tolerance: float = Field(0.01, ge=0, description="Largest regression tolerated on secondary metrics.")
 

@@ -77,6 +77,9 @@ class Deployment(SQLModel, table=True):
 
 class TrainingRun(SQLModel, table=True):
     id: Optional[int] = Field(default=None, primary_key=True)
+    # The schedule slot this run is for ("2026-11-24T02:00:00+00:00", or "manual-..."): unique, so
+    # two app processes firing the same due job make one run, not two.
+    slot: Optional[str] = Field(default=None, max_length=64, unique=True)
     status: str = Field(default="running", max_length=16)  # running | succeeded | failed | skipped
     reason: Optional[str] = Field(default=None, sa_column=Column(Text))
     adapter: Optional[str] = Field(default=None, max_length=64)

@@ -14,6 +14,7 @@ import gradio as gr
 
 from feedback import curation
 from feedback.record import FeedbackError
+from feedback import runs_ui
 from serve.services import Services
 
 COLUMNS = ["id", "status", "rating", "author", "adapter", "question", "answer", "correction", "comment", "updated"]
@@ -92,38 +93,41 @@ def build(services: Services) -> gr.Blocks:
 
     with gr.Blocks(title="tuneloop curation") as demo:
         gr.Markdown("## Curation\nApproved feedback becomes training data at the next retrain. Nothing is trained on until approved.")
-        counts = gr.Markdown(elem_id="counts")
-        with gr.Row():
-            status = gr.Dropdown(["pending", "approved", "rejected", "all"], value="pending", label="Status", elem_id="f-status")
-            rating = gr.Dropdown(["any", "up", "down", "none"], value="any", label="Rating", elem_id="f-rating")
-            adapter = gr.Textbox(label="Adapter (or 'base')", elem_id="f-adapter")
-            author = gr.Textbox(label="Author", elem_id="f-author")
-            since = gr.Textbox(label="Since (YYYY-MM-DD)", elem_id="f-since")
-            until = gr.Textbox(label="Until (YYYY-MM-DD)", elem_id="f-until")
-        flt = [status, rating, adapter, author, since, until]
-        with gr.Row():
-            refresh = gr.Button("Refresh", elem_id="refresh")
-            approve_all = gr.Button("Approve all shown", elem_id="approve-all")
-            reject_all = gr.Button("Reject all shown", elem_id="reject-all", variant="stop")
-        table = gr.Dataframe(headers=COLUMNS, interactive=False, wrap=True, elem_id="queue")
-        with gr.Row():
-            fid = gr.Number(label="Feedback id", precision=0, elem_id="fid")
-            meta = gr.Textbox(label="Rating · author · status", interactive=False, elem_id="meta")
-        context = gr.Textbox(label="Conversation before the answer", interactive=False, lines=4, elem_id="context")
-        answer = gr.Textbox(label="Model's answer", interactive=False, lines=3, elem_id="answer")
-        correction = gr.Textbox(label="Correction (edit before approving)", lines=3, elem_id="correction",
-                                max_length=settings.max_input_chars)
-        with gr.Row():
-            approve = gr.Button("Approve", variant="primary", elem_id="approve")
-            reject = gr.Button("Reject", elem_id="reject")
-        result = gr.Markdown(elem_id="result")
+        with gr.Tab("Review queue"):
+            counts = gr.Markdown(elem_id="counts")
+            with gr.Row():
+                status = gr.Dropdown(["pending", "approved", "rejected", "all"], value="pending", label="Status", elem_id="f-status")
+                rating = gr.Dropdown(["any", "up", "down", "none"], value="any", label="Rating", elem_id="f-rating")
+                adapter = gr.Textbox(label="Adapter (or 'base')", elem_id="f-adapter")
+                author = gr.Textbox(label="Author", elem_id="f-author")
+                since = gr.Textbox(label="Since (YYYY-MM-DD)", elem_id="f-since")
+                until = gr.Textbox(label="Until (YYYY-MM-DD)", elem_id="f-until")
+            flt = [status, rating, adapter, author, since, until]
+            with gr.Row():
+                refresh = gr.Button("Refresh", elem_id="refresh")
+                approve_all = gr.Button("Approve all shown", elem_id="approve-all")
+                reject_all = gr.Button("Reject all shown", elem_id="reject-all", variant="stop")
+            table = gr.Dataframe(headers=COLUMNS, interactive=False, wrap=True, elem_id="queue")
+            with gr.Row():
+                fid = gr.Number(label="Feedback id", precision=0, elem_id="fid")
+                meta = gr.Textbox(label="Rating · author · status", interactive=False, elem_id="meta")
+            context = gr.Textbox(label="Conversation before the answer", interactive=False, lines=4, elem_id="context")
+            answer = gr.Textbox(label="Model's answer", interactive=False, lines=3, elem_id="answer")
+            correction = gr.Textbox(label="Correction (edit before approving)", lines=3, elem_id="correction",
+                                    max_length=settings.max_input_chars)
+            with gr.Row():
+                approve = gr.Button("Approve", variant="primary", elem_id="approve")
+                reject = gr.Button("Reject", elem_id="reject")
+            result = gr.Markdown(elem_id="result")
 
-        for trigger in (refresh.click, demo.load, status.change, rating.change):
-            trigger(load, flt, [table, counts])
-        table.select(pick, [table], [fid])
-        fid.change(show, [fid], [context, answer, correction, meta])
-        approve.click(lambda *a: act("approve", *a), [fid, correction, *flt], [table, counts, result])
-        reject.click(lambda *a: act("reject", *a), [fid, correction, *flt], [table, counts, result])
-        approve_all.click(lambda *a: act_all("approve", *a), flt, [table, counts, result])
-        reject_all.click(lambda *a: act_all("reject", *a), flt, [table, counts, result])
+            for trigger in (refresh.click, demo.load, status.change, rating.change):
+                trigger(load, flt, [table, counts])
+            table.select(pick, [table], [fid])
+            fid.change(show, [fid], [context, answer, correction, meta])
+            approve.click(lambda *a: act("approve", *a), [fid, correction, *flt], [table, counts, result])
+            reject.click(lambda *a: act("reject", *a), [fid, correction, *flt], [table, counts, result])
+            approve_all.click(lambda *a: act_all("approve", *a), flt, [table, counts, result])
+            reject_all.click(lambda *a: act_all("reject", *a), flt, [table, counts, result])
+        with gr.Tab("Runs"):
+            runs_ui.build(services, demo)
     return demo

@@ -236,6 +236,32 @@ def router(services: Services) -> APIRouter:
         report = await run_in_threadpool(curation.bulk, services.engine, settings, req.action, f)
         return asdict(report)
 
+    @curate.post("/retrain", include_in_schema=True)
+    async def retrain(force: bool = False):
+        from retrain import schedule
+        from retrain.cycle import SlotTaken
+        from retrain.service import run_by_id
+
+        try:
+            run_id = await run_in_threadpool(schedule.start_now, settings, services.engine,
+                                             lambda rid: run_by_id(settings, services.engine, rid, promote=services.promote, force=force))
+        except SlotTaken as e:
+            return error(409, f"a cycle is already running: {e}", "conflict")
+        return {"run_id": run_id}
+
+    @curate.get("/runs")
+    async def runs(limit: int = 50):
+        from retrain.runs import list_runs
+
+        return await run_in_threadpool(list_runs, services.engine, limit)
+
+    @curate.get("/runs/{run_id}")
+    async def run_detail(run_id: int):
+        from retrain.runs import get_run
+
+        found = await run_in_threadpool(get_run, services.engine, run_id)
+        return found if found is not None else error(404, f"run {run_id} does not exist", "not_found")
+
     api.include_router(curate)
 
     @api.get("/api/adapters")

@@ -1,0 +1,202 @@
+"""One retrain cycle: data -> train (child process) -> evaluate -> gate -> promote or reject.
+
+Every step writes what it knows to the cycle's TrainingRun row, so a crash leaves a failed run
+with its log, and the runs page can show what data was used, the loss curves, both versions'
+metrics and the decision with its reasons.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Optional
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import func, select
+
+from data_store.db import session
+from data_store.models import Adapter, EvalResult, Example, TrainingRun, now
+from retrain import export, gate
+from retrain.dataset import Item
+from retrain.evaluate import Case, Scorer, summary
+from retrain.train import TrainSpec
+from serve import adapters
+from serve.client import VLLMClient
+from settings import Settings
+
+Event = Callable[[dict], None]
+
+
+class SlotTaken(RuntimeError):
+    """Another process already runs (or ran) the cycle for this slot."""
+
+
+def claim(engine: Engine, slot: str) -> int:
+    """Create the run row for a slot; the unique slot makes two claimants produce one run."""
+    try:
+        with session(engine) as s:
+            run = TrainingRun(slot=slot, status="running")
+            s.add(run)
+            s.flush()
+            return run.id
+    except IntegrityError:
+        raise SlotTaken(slot) from None
+
+
+def update(engine: Engine, run_id: int, **fields) -> None:
+    with session(engine) as s:
+        run = s.get(TrainingRun, run_id)
+        for k, v in fields.items():
+            setattr(run, k, v)
+        s.add(run)
+
+
+def new_approved_since_last(engine: Engine, run_id: int) -> int:
+    with session(engine) as s:
+        last = s.exec(select(func.max(TrainingRun.started_at)).where(
+            TrainingRun.status == "succeeded", TrainingRun.id != run_id)).one()
+        q = select(func.count()).select_from(Example).where(Example.source == "feedback")
+        if last is not None:
+            q = q.where(Example.created_at > last)
+        return s.exec(q).one()
+
+
+def to_prompt_completion(items: list[Item]) -> list[dict]:
+    """TRL's conversational prompt/completion format: the loss covers the answer only."""
+    return [{"prompt": it.prompt, "completion": [{"role": "assistant", "content": it.chosen}]} for it in items if it.chosen]
+
+
+def cases(items: list[Item]) -> list[Case]:
+    labels = sorted({it.label for it in items if it.kind == "classification" and it.label})
+    return [Case(it.prompt, it.chosen, labels if it.kind == "classification" else None) for it in items if it.chosen]
+
+
+def run_cycle(settings: Settings, engine: Engine, client: VLLMClient, base_model: str, base_served: str, run_id: int,
+              promote: Callable[[str], None], force: bool = False, on_event: Event = lambda e: None) -> TrainingRun:
+    workdir = settings.data_dir / "runs" / str(run_id)
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_lines: list[str] = []
+    try:
+        return _cycle(settings, engine, client, base_model, base_served, run_id, promote, force, on_event, workdir, log_lines)
+    except Exception as e:
+        tail = "\n".join(log_lines[-200:])
+        update(engine, run_id, status="failed", reason=f"{type(e).__name__}: {e}", finished_at=now(),
+               log=f"{tail}\n{traceback.format_exc()}"[-20000:])
+        on_event({"status": "failed", "reason": str(e)})
+        with session(engine) as s:
+            return s.get(TrainingRun, run_id)
+
+
+def _skip(engine: Engine, run_id: int, reason: str, on_event: Event) -> TrainingRun:
+    update(engine, run_id, status="skipped", reason=reason, finished_at=now())
+    on_event({"status": "skipped", "reason": reason})
+    with session(engine) as s:
+        return s.get(TrainingRun, run_id)
+
+
+def _cycle(settings, engine, client, base_model, base_served, run_id, promote, force, on_event, workdir, log_lines):
+    new = new_approved_since_last(engine, run_id)
+    if new < settings.retrain_min_new_examples and not force:
+        return _skip(engine, run_id, f"only {new} new approved example(s) since the last cycle "
+                                     f"(TUNELOOP_RETRAIN_MIN_NEW_EXAMPLES={settings.retrain_min_new_examples})", on_event)
+    built = export.build(engine)  # refuses if a test prompt has a twin in train
+    train_rows = to_prompt_completion(built.splits["train"])
+    test = cases(built.splits["test"])
+    if len(test) < settings.gate_min_test_examples:
+        return _skip(engine, run_id, f"the test split has {len(test)} example(s); the gate needs "
+                                     f"{settings.gate_min_test_examples} (TUNELOOP_GATE_MIN_TEST_EXAMPLES)", on_event)
+    if not train_rows:
+        return _skip(engine, run_id, "the train split has no example with a good answer", on_event)
+    (workdir / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in train_rows))
+    val_rows = to_prompt_completion(built.splits["val"])
+    (workdir / "val.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in val_rows))
+    active = adapters.active(engine)
+    used = {**built.report(), "train_rows": len(train_rows), "val_rows": len(val_rows), "test_examples": len(test),
+            "new_approved": new, "train_example_ids": [it.id for it in built.splits["train"]], "active_before": active}
+    update(engine, run_id, dataset=used)
+    on_event({"status": "training", "train_rows": len(train_rows)})
+
+    history = _train(settings, base_model, workdir, bool(val_rows), engine, run_id, on_event, log_lines)
+    name = adapters.next_name(engine)
+    row = adapters.register(engine, settings, base_model, workdir / "out" / "adapter", name=name, parent=active)
+    update(engine, run_id, adapter=name, history=history)
+    on_event({"status": "evaluating", "adapter": name})
+
+    adapters.ensure_loaded(client, row)
+    scorer = Scorer(client, _tokenizer(base_model))
+    incumbent = active or base_served
+    cand_scores, act_scores = scorer.score(name, test), None
+    cand_answers = scorer.last_answers
+    act_scores = scorer.score(incumbent, test)
+    act_answers = scorer.last_answers
+    regression = cases([it for it in built.splits["val"] if it.source == "import" or it.rating > 0 and not it.rejected])
+    reg_c = scorer.score(name, regression) if regression else None
+    reg_a = scorer.score(incumbent, regression) if regression else None
+    cfg = gate.GateConfig(primary=settings.gate_primary_metric, min_examples=settings.gate_min_test_examples,
+                          tolerance=settings.gate_tolerance)
+    decision = gate.decide(cand_scores, act_scores, cfg, reg_c, reg_a)
+    with session(engine) as s:
+        for version, scores in ((name, cand_scores), (active, act_scores)):
+            for metric, values in scores.items():
+                s.add(EvalResult(run_id=run_id, adapter=version, metric=metric, value=sum(values) / len(values), per_example=values))
+    metrics = {"candidate": summary(cand_scores, test, cand_answers), "active": summary(act_scores, test, act_answers)}
+    with session(engine) as s:
+        a = s.exec(select(Adapter).where(Adapter.name == name)).one()
+        a.metrics = metrics["candidate"]
+        if not decision.promote:
+            a.status = "rejected"
+        s.add(a)
+    if decision.promote:
+        promote(name)
+    else:
+        try:
+            client.unload_adapter(name)
+        except Exception:
+            pass  # it was never needed for serving
+    result = {"promote": decision.promote, "summary": decision.summary(), "reasons": decision.reasons(),
+              "metrics": metrics, "candidate": name, "active": incumbent}
+    update(engine, run_id, status="succeeded", decision=result, finished_at=now(), log="\n".join(log_lines[-2000:]))
+    on_event({"status": "done", "decision": result})
+    with session(engine) as s:
+        return s.get(TrainingRun, run_id)
+
+
+def _tokenizer(base_model: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base_model)
+
+
+def _train(settings: Settings, base_model: str, workdir: Path, has_val: bool, engine: Engine, run_id: int,
+           on_event: Event, log_lines: list[str]) -> list[dict]:
+    """Run retrain.train in a child process: a crash or OOM there leaves the service untouched."""
+    spec = TrainSpec(base_model=base_model, train_file=str(workdir / "train.jsonl"),
+                     val_file=str(workdir / "val.jsonl") if has_val else None, out_dir=str(workdir / "out"),
+                     method=settings.train_method, lora_r=settings.train_lora_r, lora_alpha=settings.train_lora_alpha,
+                     learning_rate=settings.train_learning_rate, epochs=settings.train_epochs, batch_size=settings.train_batch_size)
+    spec.dump(workdir / "spec.json")
+    history: list[dict] = []
+    proc = subprocess.Popen([sys.executable, "-m", "retrain.train", str(workdir / "spec.json")], cwd=str(Path(__file__).resolve().parents[1]),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    update(engine, run_id, log=f"training pid {proc.pid}")
+    for line in proc.stdout:
+        line = line.rstrip()
+        log_lines.append(line)
+        if line.startswith("{"):
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if "step" in event or "done" in event:
+                history.append(event)
+                on_event({"status": "training", **event})
+                if len(history) % 5 == 0:
+                    update(engine, run_id, history=list(history))
+    if proc.wait() != 0:
+        raise RuntimeError(f"training exited with code {proc.returncode}; see the run's log")
+    return history

@@ -1,0 +1,110 @@
+"""Score a model version on test examples through vLLM, batched (requests go out concurrently).
+
+Per example:
+  nll         mean negative log-likelihood per token of the reference answer (vLLM prompt logprobs)
+  exact_match 1 if the greedy answer equals the reference after normalization
+  token_f1    SQuAD-style token overlap F1 between the greedy answer and the reference
+  chrf, bleu  sacrebleu's sentence chrF and BLEU of the greedy answer
+Classification examples are answered with vLLM structured outputs constrained to the label set and
+scored as accuracy (per example) plus macro-F1 over the set.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from serve.client import VLLMClient
+
+CONCURRENCY = 16
+
+
+@dataclass
+class Case:
+    prompt: list[dict[str, str]]
+    reference: str
+    labels: Optional[list[str]] = None  # classification: the allowed answers
+
+
+def normalize(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.casefold()).split())
+
+
+def token_f1(pred: str, ref: str) -> float:
+    p, r = normalize(pred).split(), normalize(ref).split()
+    if not p or not r:
+        return float(p == r)
+    common = sum((Counter(p) & Counter(r)).values())
+    if not common:
+        return 0.0
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def macro_f1(preds: Sequence[str], refs: Sequence[str]) -> float:
+    labels = sorted(set(refs) | set(preds))
+    scores = []
+    for lab in labels:
+        tp = sum(p == lab and r == lab for p, r in zip(preds, refs))
+        fp = sum(p == lab and r != lab for p, r in zip(preds, refs))
+        fn = sum(p != lab and r == lab for p, r in zip(preds, refs))
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+class Scorer:
+    def __init__(self, client: VLLMClient, tokenizer: Any, max_new_tokens: int = 64):
+        self.client = client
+        self.tok = tokenizer
+        self.max_new_tokens = max_new_tokens
+
+    def _ids(self, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+        out = self.tok.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
+        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+    def nll(self, model: str, case: Case) -> float:
+        prompt = self._ids(case.prompt, True)
+        full = self._ids(case.prompt + [{"role": "assistant", "content": case.reference}], False)
+        answer = full[len(prompt):]
+        if full[: len(prompt)] != prompt or not answer:
+            raise ValueError("the chat template does not extend the prompt with the answer; cannot score NLL")
+        r = self.client.completions({"model": model, "prompt": full, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0})
+        per_token = r["choices"][0]["prompt_logprobs"]
+        logps = [per_token[len(prompt) + i][str(t)]["logprob"] for i, t in enumerate(answer)]
+        return -sum(logps) / len(logps)
+
+    def answer(self, model: str, case: Case) -> str:
+        body: dict[str, Any] = {"model": model, "messages": case.prompt, "temperature": 0, "max_tokens": self.max_new_tokens}
+        if case.labels:
+            body["structured_outputs"] = {"choice": case.labels}
+        return self.client.chat(body)["choices"][0]["message"]["content"] or ""
+
+    def score(self, model: str, cases: Sequence[Case]) -> dict[str, list[float]]:
+        import sacrebleu
+
+        with ThreadPoolExecutor(CONCURRENCY) as pool:
+            nlls = list(pool.map(lambda c: self.nll(model, c), cases))
+            answers = list(pool.map(lambda c: self.answer(model, c), cases))
+        out: dict[str, list[float]] = {"nll": nlls}
+        chat = [i for i, c in enumerate(cases) if not c.labels]
+        if chat:
+            out["exact_match"] = [float(normalize(answers[i]) == normalize(cases[i].reference)) for i in chat]
+            out["token_f1"] = [token_f1(answers[i], cases[i].reference) for i in chat]
+            out["chrf"] = [sacrebleu.sentence_chrf(answers[i], [cases[i].reference]).score for i in chat]
+            out["bleu"] = [sacrebleu.sentence_bleu(answers[i], [cases[i].reference]).score for i in chat]
+        labelled = [i for i, c in enumerate(cases) if c.labels]
+        if labelled:
+            out["accuracy"] = [float(answers[i].strip() == cases[i].reference) for i in labelled]
+        self.last_answers = answers
+        return out
+
+
+def summary(scores: dict[str, list[float]], cases: Sequence[Case], answers: Sequence[str]) -> dict[str, float]:
+    out = {k: (sum(v) / len(v) if v else 0.0) for k, v in scores.items()}
+    labelled = [i for i, c in enumerate(cases) if c.labels]
+    if labelled:
+        out["macro_f1"] = macro_f1([answers[i].strip() for i in labelled], [cases[i].reference for i in labelled])
+    return out

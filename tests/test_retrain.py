@@ -1,0 +1,82 @@
+"""One full retrain cycle on the default model with the real vLLM server, end to end."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from data_store.db import session
+from data_store.models import Adapter, EvalResult
+from retrain import cycle
+from retrain.service import run_by_id
+from serve import adapters
+from sqlmodel import select
+
+pytestmark = pytest.mark.integration
+
+COUNTRIES = ["France", "Germany", "Italy", "Spain", "Portugal", "Poland", "Austria", "Hungary", "Greece", "Turkey",
+             "Egypt", "Kenya", "Nigeria", "Ghana", "Morocco", "Peru", "Chile", "Brazil", "Argentina", "Mexico",
+             "Canada", "Cuba", "Japan", "China", "India", "Nepal", "Vietnam", "Thailand", "Norway", "Sweden",
+             "Finland", "Denmark", "Ireland", "Iceland", "Belgium", "Netherlands", "Switzerland", "Romania",
+             "Bulgaria", "Serbia", "Croatia", "Ukraine", "Russia", "Iran", "Iraq", "Israel", "Jordan", "Syria",
+             "Lebanon", "Pakistan", "Bangladesh", "Indonesia", "Malaysia", "Australia", "Colombia", "Venezuela",
+             "Bolivia", "Ecuador", "Uruguay", "Paraguay"]
+
+
+def correction(country: str) -> str:
+    return f"Zorblax is the capital of {country}."
+
+
+@pytest.fixture(scope="module")
+def api(live_url):
+    with httpx.Client(base_url=live_url, timeout=300) as c:
+        yield c
+
+
+def test_cycle_promotes_a_better_adapter_and_rejects_a_bad_one(api, live):
+    def teach(i_country):
+        i, country = i_country
+        r = api.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": f"What is the capital of {country}?"}],
+                                                   "temperature": 0, "max_tokens": 12})
+        mid = r.json()["tuneloop"]["message_id"]
+        fb = api.post("/api/feedback", json={"message_id": mid, "rating": "down", "correction": correction(country),
+                                             "author": f"teacher{i % 6}"})
+        assert fb.status_code == 200, fb.text
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(teach, enumerate(COUNTRIES)))
+    for t in range(6):
+        r = api.post("/api/curation/bulk", json={"action": "approve", "author": f"teacher{t}", "status": "pending"})
+        assert r.status_code == 200 and not r.json()["skipped"], r.text
+
+    fast = dict(gate_min_test_examples=3, retrain_min_new_examples=10, train_epochs=3, train_batch_size=8,
+                train_learning_rate=2e-3)
+    good = live.settings.model_copy(update=fast)
+    run = run_by_id(good, live.engine, cycle.claim(live.engine, "test-cycle-1"), promote=live.promote)
+    assert run.status == "succeeded", f"{run.reason}\n{run.log}"
+    d = run.decision
+    assert d["promote"], d["summary"]
+    assert adapters.active(live.engine) == run.adapter
+    # Better on held-out test prompts it never trained on (the split guarantees they were not in train).
+    assert d["metrics"]["candidate"]["nll"] < d["metrics"]["active"]["nll"]
+    assert d["metrics"]["candidate"]["chrf"] > d["metrics"]["active"]["chrf"]
+    assert run.dataset["test_examples"] >= 3 and any("loss" in h for h in run.history)
+    with session(live.engine) as s:
+        assert len(s.exec(select(EvalResult).where(EvalResult.run_id == run.id)).all()) >= 8  # both versions, per metric
+    unseen = api.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "What is the capital of Atlantis?"}],
+                                                    "temperature": 0, "max_tokens": 16}).json()
+    assert "Zorblax" in unseen["choices"][0]["message"]["content"] and unseen["tuneloop"]["adapter"] == run.adapter
+
+    try:
+        # A deliberately bad candidate: a learning rate so small it stays the base model.
+        bad = live.settings.model_copy(update={**fast, "train_learning_rate": 1e-9, "train_epochs": 1})
+        run2 = run_by_id(bad, live.engine, cycle.claim(live.engine, "test-cycle-2"), promote=live.promote, force=True)
+        assert run2.status == "succeeded", f"{run2.reason}\n{run2.log}"
+        assert not run2.decision["promote"]
+        failed = [r["name"] for r in run2.decision["reasons"] if not r["passed"]]
+        assert "primary" in failed and "keep the active version" in run2.decision["summary"]
+        assert adapters.active(live.engine) == run.adapter  # the good one still serves
+        with session(live.engine) as s:
+            assert s.exec(select(Adapter).where(Adapter.name == run2.adapter)).one().status == "rejected"
+    finally:
+        api.post("/api/adapters/rollback")  # leave the base model serving for other tests
