@@ -269,6 +269,34 @@ def retrain(now: bool = typer.Option(False, "--now", help="Run one cycle now on 
             raise typer.Exit(1)
 
 
+@app.command("export")
+def export_cmd(adapter: Optional[str] = typer.Option(None, help="Version to export; default: the active one (the base model if none)."),
+               merged: Optional[Path] = typer.Option(None, help="Write base+adapter merged weights (safetensors) to this new directory."),
+               gguf: Optional[Path] = typer.Option(None, help="Write the merged model as GGUF for llama.cpp to this file."),
+               gguf_dtype: str = typer.Option("f16", help="GGUF tensor type: f16 or f32.")) -> None:
+    """Export merged full weights (loads in transformers and vLLM) and/or GGUF (llama.cpp)."""
+    import tempfile
+
+    from serve import adapters, model, model_export
+
+    if not merged and not gguf:
+        fail("nothing to do: pass --merged DIR and/or --gguf FILE")
+    settings = load_settings()
+    engine = open_store(settings)
+    name = adapter or adapters.active(engine)
+    try:
+        path = adapters.get(engine, name).path if name else None
+        with tempfile.TemporaryDirectory() as tmp:
+            out = merged or Path(tmp) / "merged"
+            model_export.merge(model.resolve(settings), path, out)
+            if gguf:
+                model_export.to_gguf(out, gguf, gguf_dtype)
+    except (adapters.AdapterError, model_export.ExportError, model.ModelError) as e:
+        fail(str(e))
+    what = name or "the base model"
+    typer.echo(f"exported {what}" + (f": merged weights in {merged}" if merged else "") + (f"; GGUF in {gguf}" if gguf else ""))
+
+
 @app.command("settings")
 def settings_cmd() -> None:
     """Print every setting with its default (the README's table)."""
