@@ -57,6 +57,8 @@ def train(spec: TrainSpec) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
+    if spec.method not in ("lora", "qlora"):
+        raise SystemExit(f"train_method={spec.method!r}: only lora and qlora produce an adapter vLLM can hot-swap")
     gpu = torch.cuda.is_available()
     out = Path(spec.out_dir)
     data = load_dataset("json", data_files={"train": spec.train_file, **({"val": spec.val_file} if spec.val_file else {})})
@@ -69,8 +71,6 @@ def train(spec: TrainSpec) -> Path:
         model_kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16 if gpu else torch.float32)
-    elif spec.method != "lora":
-        raise SystemExit(f"train_method={spec.method!r}: only lora and qlora produce an adapter vLLM can hot-swap")
     model = AutoModelForCausalLM.from_pretrained(spec.base_model, **model_kwargs)
     steps_per_epoch = max(1, -(-len(data["train"]) // spec.batch_size))
     config = SFTConfig(

@@ -1,0 +1,45 @@
+"""retrain.train as the cycle runs it (a child process), on the tiny model: LoRA and QLoRA."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from retrain.train import EVENT, TrainSpec
+from serve import adapters
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def data(path: Path, n: int) -> str:
+    rows = [{"prompt": [{"role": "user", "content": f"Say the number {i}."}],
+             "completion": [{"role": "assistant", "content": f"The number is {i}."}]} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_child_process_trains_an_adapter_vllm_could_load(tiny_model, tmp_path, settings, method):
+    spec = TrainSpec(base_model=str(tiny_model), train_file=data(tmp_path / "train.jsonl", 16),
+                     val_file=data(tmp_path / "val.jsonl", 4), out_dir=str(tmp_path / "out"), method=method,
+                     lora_r=4, lora_alpha=8, epochs=2, batch_size=4, learning_rate=1e-3, max_length=64)
+    spec.dump(tmp_path / "spec.json")
+    done = subprocess.run([sys.executable, "-m", "retrain.train", str(tmp_path / "spec.json")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    events = [json.loads(line.split(EVENT, 1)[1]) for line in done.stdout.splitlines() if EVENT in line]
+    assert any("loss" in e for e in events) and any("eval_loss" in e for e in events)
+    assert events[-1]["done"] and events[-1]["steps"] == 8
+    info = adapters.validate(tmp_path / "out" / "adapter", settings, str(tiny_model))
+    assert info.rank == 4
+
+
+def test_full_fine_tuning_is_refused_clearly(tiny_model, tmp_path):
+    spec = TrainSpec(base_model=str(tiny_model), train_file=data(tmp_path / "t.jsonl", 4), val_file=None,
+                     out_dir=str(tmp_path / "out"), method="full")
+    spec.dump(tmp_path / "spec.json")
+    done = subprocess.run([sys.executable, "-m", "retrain.train", str(tmp_path / "spec.json")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "only lora and qlora produce an adapter vLLM can hot-swap" in done.stderr + done.stdout
