@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     auto_approve_thumbs_up: bool = Field(False, description="Approve thumbs-up feedback without review.")
     trusted_authors: str = Field("", description="Comma-separated authors whose feedback is approved without review.")
     curators: str = Field("", description="Comma-separated `user:password` logins for the curation page and API; empty leaves them open (loopback only!).")
+    train_preference_stage: Literal["none", "dpo", "kto"] = Field(
+        "none", description="Optional second stage on the same adapter: DPO on correction pairs, or KTO on thumbs.")
     retrain_min_new_examples: int = Field(10, ge=0, description="A cycle is skipped (with the reason recorded) when fewer new examples were approved since the last one.")
     gate_primary_metric: Literal["nll", "chrf", "token_f1", "exact_match", "bleu", "accuracy"] = Field(
         "nll", description="The metric the candidate must beat the active version on (nll: lower is better).")

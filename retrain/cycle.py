@@ -113,6 +113,9 @@ def _cycle(settings, engine, client, base_model, base_served, run_id, promote, f
     if not train_rows:
         return _skip(engine, run_id, "the train split has no example with a good answer", on_event)
     (workdir / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in train_rows))
+    if settings.train_preference_stage != "none":
+        pref = export.rows_for(built.splits["train"], settings.train_preference_stage)
+        (workdir / "preference.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pref))
     val_rows = to_prompt_completion(built.splits["val"])
     (workdir / "val.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in val_rows))
     active = adapters.active(engine)
@@ -171,6 +174,8 @@ def _train(settings: Settings, base_model: str, workdir: Path, has_val: bool, en
            on_event: Event, log_lines: list[str]) -> list[dict]:
     """Run retrain.train in a child process: a crash or OOM there leaves the service untouched."""
     spec = TrainSpec(base_model=base_model, train_file=str(workdir / "train.jsonl"),
+                     preference=settings.train_preference_stage,
+                     preference_file=str(workdir / "preference.jsonl") if settings.train_preference_stage != "none" else None,
                      val_file=str(workdir / "val.jsonl") if has_val else None, out_dir=str(workdir / "out"),
                      method=settings.train_method, lora_r=settings.train_lora_r, lora_alpha=settings.train_lora_alpha,
                      learning_rate=settings.train_learning_rate, epochs=settings.train_epochs, batch_size=settings.train_batch_size)

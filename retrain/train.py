@@ -34,6 +34,8 @@ class TrainSpec:
     max_length: int = 512
     early_stopping_patience: int = 2
     seed: int = 0
+    preference: str = "none"  # none | dpo | kto: a second stage on preference data
+    preference_file: Optional[str] = None
 
     def dump(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self)))
@@ -105,12 +107,44 @@ def train(spec: TrainSpec) -> Path:
     trainer = SFTTrainer(model=model, args=config, train_dataset=data["train"], eval_dataset=data["val"] if has_val else None,
                          processing_class=tok, peft_config=lora, callbacks=callbacks)
     trainer.train()
+    model = trainer.model
+    if spec.preference != "none" and spec.preference_file:
+        model = preference_stage(spec, model, tok, gpu, Progress())
     adapter = out / "adapter"
-    trainer.model.save_pretrained(adapter, safe_serialization=True)
+    model.save_pretrained(adapter, safe_serialization=True)
     best = trainer.state.best_metric
     emit(done=True, adapter=str(adapter), steps=trainer.state.global_step, best_eval_loss=best,
          seconds=round(time.monotonic() - started, 1))
     return adapter
+
+
+def preference_stage(spec: TrainSpec, model, tok, gpu: bool, progress):
+    """Continue the same adapter on preference data; the adapter-disabled base is the reference."""
+    from datasets import load_dataset
+
+    data = load_dataset("json", data_files=spec.preference_file, split="train")
+    if len(data) < 2:
+        emit(stage=spec.preference, skipped=f"{len(data)} preference row(s); need at least 2")
+        return model
+    common = dict(output_dir=str(Path(spec.out_dir) / spec.preference), num_train_epochs=1, learning_rate=spec.learning_rate / 4,
+                  per_device_train_batch_size=max(2, min(spec.batch_size, len(data))), max_length=spec.max_length,
+                  bf16=gpu, gradient_checkpointing=False, use_cpu=not gpu, logging_steps=1, report_to=[],
+                  save_strategy="no", disable_tqdm=True, seed=spec.seed)
+    if spec.preference == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        trainer = DPOTrainer(model=model, args=DPOConfig(**common), train_dataset=data, processing_class=tok, callbacks=[progress])
+    elif spec.preference == "kto":
+        try:
+            from trl.experimental.kto import KTOConfig, KTOTrainer
+        except ImportError:
+            from trl import KTOConfig, KTOTrainer
+        trainer = KTOTrainer(model=model, args=KTOConfig(**common), train_dataset=data, processing_class=tok, callbacks=[progress])
+    else:
+        raise SystemExit(f"preference stage {spec.preference!r}; use none, dpo or kto")
+    emit(stage=spec.preference, rows=len(data))
+    trainer.train()
+    return trainer.model
 
 
 if __name__ == "__main__":

@@ -36,6 +36,26 @@ def test_child_process_trains_an_adapter_vllm_could_load(tiny_model, tmp_path, s
     assert info.rank == 4
 
 
+@pytest.mark.parametrize("stage", ["dpo", "kto"])
+def test_preference_stage_continues_the_adapter(tiny_model, tmp_path, settings, stage):
+    from retrain.dataset import Item, dpo_rows, kto_rows
+
+    items = [Item(i, [{"role": "user", "content": f"Say the number {i}."}], f"The number is {i}.", f"No idea {i}.", 1, "train", "feedback")
+             for i in range(6)]
+    rows = [r for it in items for r in (dpo_rows(it) if stage == "dpo" else kto_rows(it))]
+    (tmp_path / "pref.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = TrainSpec(base_model=str(tiny_model), train_file=data(tmp_path / "train.jsonl", 8), val_file=None,
+                     out_dir=str(tmp_path / "out"), lora_r=4, lora_alpha=8, epochs=1, batch_size=4, max_length=64,
+                     preference=stage, preference_file=str(tmp_path / "pref.jsonl"))
+    spec.dump(tmp_path / "spec.json")
+    done = subprocess.run([sys.executable, "-m", "retrain.train", str(tmp_path / "spec.json")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    events = [json.loads(line.split(EVENT, 1)[1]) for line in done.stdout.splitlines() if EVENT in line]
+    assert {"stage": stage, "rows": len(rows)} in events
+    adapters.validate(tmp_path / "out" / "adapter", settings, str(tiny_model))
+
+
 def test_full_fine_tuning_is_refused_clearly(tiny_model, tmp_path):
     spec = TrainSpec(base_model=str(tiny_model), train_file=data(tmp_path / "t.jsonl", 4), val_file=None,
                      out_dir=str(tmp_path / "out"), method="full")
