@@ -80,3 +80,16 @@ def test_cycle_promotes_a_better_adapter_and_rejects_a_bad_one(api, live):
             assert s.exec(select(Adapter).where(Adapter.name == run2.adapter)).one().status == "rejected"
     finally:
         api.post("/api/adapters/rollback")  # leave the base model serving for other tests
+
+
+def test_classification_is_answered_within_the_label_set(live):
+    from retrain.evaluate import Case, Likelihood, Scorer, summary
+
+    labels = ["positive", "negative", "neutral"]
+    cases = [Case([{"role": "user", "content": f"Classify the sentiment: {text}"}], ref, labels)
+             for text, ref in [("I love this!", "positive"), ("This is awful.", "negative"), ("It is a chair.", "neutral")]]
+    scorer = Scorer(live.vllm, Likelihood(live.base_model))
+    scores = scorer.score(live.chat.base_name, None, cases)
+    assert set(scores) == {"nll", "accuracy"} and len(scores["accuracy"]) == 3
+    assert all(a.strip() in labels for a in scorer.last_answers)  # structured outputs held the answer to the set
+    assert 0.0 <= summary(scores, cases, scorer.last_answers)["macro_f1"] <= 1.0
