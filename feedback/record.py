@@ -14,6 +14,7 @@ from sqlmodel import select
 
 from data_store.db import session
 from data_store.models import Feedback, Message, now
+from data_store.text import unstorable
 from settings import Settings
 
 UNSET: Any = object()  # "not given": leave the field as it is (None means clear it)
@@ -37,6 +38,8 @@ def check(rating: Any, correction: Any, comment: Any, max_chars: int) -> None:
             raise FeedbackError(f"{field} must be text")
         if len(value) > max_chars:
             raise FeedbackError(f"{field} has {len(value)} characters, above the limit of {max_chars}; shorten it")
+        if problem := unstorable(value):
+            raise FeedbackError(f"{field} {problem}")
     if isinstance(correction, str) and not correction.strip():
         raise FeedbackError("correction is empty; send the corrected answer, or null to withdraw the correction")
 

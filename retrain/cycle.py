@@ -138,7 +138,8 @@ def _cycle(settings, engine, client, base_model, base_served, run_id, promote, f
     cand_answers = scorer.last_answers
     act_scores = scorer.score(incumbent, incumbent_dir, test)
     act_answers = scorer.last_answers
-    regression = cases([it for it in built.splits["val"] if it.source == "import" or it.rating > 0 and not it.rejected])
+    # The regression set: planted probes, plus seed data and liked answers held out in val.
+    regression = cases(built.probes + [it for it in built.splits["val"] if it.source == "import" or it.rating > 0 and not it.rejected])
     reg_c = scorer.score(name, row.path, regression) if regression else None
     reg_a = scorer.score(incumbent, incumbent_dir, regression) if regression else None
     cfg = gate.GateConfig(primary=settings.gate_primary_metric, min_examples=settings.gate_min_test_examples,

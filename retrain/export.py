@@ -28,15 +28,19 @@ class LeakError(RuntimeError):
     """A test prompt has a twin in train: evaluation on it would mean nothing."""
 
 
+PROBE = "probe"  # Example.source of imported regression probes
+
+
 @dataclass
 class Built:
     splits: dict[str, list[Item]] = field(default_factory=dict)
     duplicates: dict[int, int] = field(default_factory=dict)  # dropped example id -> kept example id
     decontaminated: dict[int, int] = field(default_factory=dict)  # train/val id dropped -> its test twin
+    probes: list[Item] = field(default_factory=list)  # regression probes: in no split, never trained on
 
     def report(self) -> dict[str, Any]:
         return {"examples": {k: len(v) for k, v in self.splits.items()}, "near_duplicates_dropped": len(self.duplicates),
-                "decontaminated": len(self.decontaminated)}
+                "decontaminated": len(self.decontaminated), "probes": len(self.probes)}
 
 
 def load(engine: Engine) -> tuple[list[Item], np.ndarray]:
@@ -57,7 +61,9 @@ def build(engine: Engine) -> Built:
     split is safe for it. The test set wins: such train/val items are left out and counted.
     """
     items, sigs = load(engine)
-    built = Built()
+    built = Built(probes=[it for it in items if it.source == PROBE])
+    keep = [i for i, it in enumerate(items) if it.source != PROBE]
+    items, sigs = [items[i] for i in keep], sigs[keep]
     kept_sigs = {}
     for name in dataset.SPLITS:
         idx = [i for i, it in enumerate(items) if it.split == name]

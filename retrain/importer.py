@@ -54,7 +54,8 @@ def known_labels(engine: Engine) -> Optional[set[str]]:
 
 
 def import_file(engine: Engine, settings: Settings, path: Path, skip_invalid: bool = False,
-                labels: Optional[list[str]] = None) -> ImportReport:
+                labels: Optional[list[str]] = None, probes: bool = False) -> ImportReport:
+    """Import seed examples, or with `probes` regression probes: checked by every cycle's gate, never trained on."""
     path = Path(path)
     lines = read_lines(path)
     allowed = known_labels(engine)
@@ -93,7 +94,7 @@ def import_file(engine: Engine, settings: Settings, path: Path, skip_invalid: bo
             conn.execute(insert(SplitKey.__table__), splits.new_rows)
         if unique:
             conn.execute(insert(Example.__table__), [
-                dict(source="import", source_ref=r.source_ref[:300], content_hash=h, kind=r.kind, prompt=r.prompt,
+                dict(source="probe" if probes else "import", source_ref=r.source_ref[:300], content_hash=h, kind=r.kind, prompt=r.prompt,
                      chosen=r.chosen, rejected=r.rejected, label=r.label, rating=r.rating, author=r.author,
                      prompt_key=keys[h], created_at=stamp, feedback_id=None)
                 for h, r in unique.items()])

@@ -15,6 +15,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
+from data_store.text import unstorable
+
 MAX_LINE_BYTES = 1 << 20  # one example above 1 MB is a mistake, not data
 ROLES = {"system", "user", "assistant"}
 
@@ -99,6 +101,8 @@ def _text(obj: dict[str, Any], key: str) -> str:
     value = obj[key]
     if not isinstance(value, str):
         raise ValueError(f"field {key!r} must be a string, got {type(value).__name__}")
+    if problem := unstorable(value):
+        raise ValueError(f"field {key!r} {problem}")
     return value
 
 
@@ -112,6 +116,8 @@ def _messages(messages: Any) -> Record:
             raise ValueError(f"messages[{i}].role is {m.get('role')!r}; use system, user or assistant")
         if not isinstance(m.get("content"), str):
             raise ValueError(f"messages[{i}].content must be a string")
+        if problem := unstorable(m["content"]):
+            raise ValueError(f"messages[{i}].content {problem}")
     if messages[-1]["role"] != "assistant":
         raise ValueError("the last message must be the assistant's answer to learn")
     if not any(m["role"] == "user" for m in messages[:-1]):

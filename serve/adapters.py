@@ -198,6 +198,7 @@ def _check_copy(staging: Path, info: AdapterInfo) -> None:
 
 
 def get(engine: Engine, name: str) -> Adapter:
+    check_name(name)  # a hostile name gets the rule, not a lookup
     with session(engine) as s:
         row = s.exec(select(Adapter).where(Adapter.name == name)).first()
     if row is None:

@@ -147,14 +147,9 @@ def router(services: Services) -> APIRouter:
     chat = services.chat
     settings = services.settings
 
-    def require_admin(authorization: Optional[str] = Header(None)) -> None:
-        # With TUNELOOP_ADMIN_TOKEN set, adapter administration needs it as a bearer token.
-        token = settings.admin_token
-        if token and not secrets.compare_digest((authorization or "").encode(), f"Bearer {token}".encode()):
-            raise _Forbidden()
-
     def require_curator(authorization: Optional[str] = Header(None)) -> None:
-        # With curators configured, curation needs one of their logins (HTTP Basic) or the admin token.
+        # With curators or an admin token configured, curation, retraining, promotion and rollback
+        # need one of the curator logins (HTTP Basic) or the admin token.
         logins = settings.curator_logins
         if not logins and not settings.admin_token:
             return
@@ -270,12 +265,12 @@ def router(services: Services) -> APIRouter:
         rows = await run_in_threadpool(adapters.list_all, services.engine)
         return {"active": active, "adapters": [r.model_dump(mode="json") | {"active": r.name == active} for r in rows]}
 
-    @api.post("/api/adapters/promote", dependencies=[Depends(require_admin)])
+    @api.post("/api/adapters/promote", dependencies=[Depends(require_curator)])
     async def promote(req: PromoteRequest):
         await run_in_threadpool(services.promote, req.name)
         return {"active": req.name}
 
-    @api.post("/api/adapters/rollback", dependencies=[Depends(require_admin)])
+    @api.post("/api/adapters/rollback", dependencies=[Depends(require_curator)])
     async def rollback():
         return {"active": await run_in_threadpool(services.rollback)}
 

@@ -16,6 +16,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import func, select
 
 from data_store.db import session
+from data_store.text import unstorable
 from data_store.models import Conversation, Message
 from serve import adapters
 from serve.client import VLLMClient
@@ -55,6 +56,8 @@ def check_messages(messages: list[dict[str, str]], max_chars: int) -> None:
             raise ChatInputError(
                 f"messages[{i}].content has {len(content)} characters, above the limit of {max_chars}; shorten it or raise TUNELOOP_MAX_INPUT_CHARS"
             )
+        if problem := unstorable(content):
+            raise ChatInputError(f"messages[{i}].content {problem}")
     if messages[-1]["role"] != "user":
         raise ChatInputError("the last message must have role 'user'; it is what the model answers")
     if not messages[-1]["content"].strip():

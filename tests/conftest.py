@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from contextlib import contextmanager
 import time
 from pathlib import Path
 
@@ -116,21 +117,59 @@ def live(tmp_path_factory, default_model):
     client.close()
 
 
-@pytest.fixture(scope="session")
-def live_url(live):
-    """The real web app (API + Gradio) on a loopback port, in a thread of this process."""
+@contextmanager
+def serve_app(services):
+    """The real web app (API + Gradio) for `services` on a loopback port, in a thread of this process."""
     import uvicorn
 
     from serve.web import build_app
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(live), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(build_app(services), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.1)
     assert server.started, "the web app did not start"
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def services_for(settings: Settings, engine, client, base_model: str):
+    """Services over another store that share the session's vLLM client."""
+    from serve import model
+    from serve.chat import ChatService
+    from serve.services import Services
+
+    return Services(settings, engine, client, ChatService(settings, engine, client, model.served_name(settings)), base_model)
+
+
+@pytest.fixture(scope="session")
+def live_url(live):
+    with serve_app(live) as url:
+        yield url
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh, empty PostgreSQL database for one test (`make test` starts the server on loopback)."""
+    import os
+    import uuid
+
+    import sqlalchemy as sa
+
+    admin_url = os.environ.get("TUNELOOP_TEST_PG_URL")
+    if not admin_url:
+        pytest.fail("TUNELOOP_TEST_PG_URL is not set; run the tests with `make test`, which starts PostgreSQL and sets it")
+    name = f"tuneloop_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    yield admin_url.rsplit("/", 1)[0] + "/" + name
+    with admin.connect() as c:
+        c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()

@@ -39,7 +39,9 @@ def test_bad_adapter_gives_clear_error(env):
     r = run("adapters", "add", str(env / "empty"))
     assert r.exit_code == 1 and "no adapter_config.json" in r.output
     r = run("adapters", "promote", "../../etc")
-    assert r.exit_code == 1 and "no adapter named" in r.output
+    assert r.exit_code == 1 and "adapter name '../../etc' is not allowed" in r.output
+    r = run("adapters", "promote", "v0404")
+    assert r.exit_code == 1 and "no adapter named 'v0404'" in r.output
 
 
 def test_bad_setting_stops_with_its_name(env, monkeypatch):
