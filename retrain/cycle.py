@@ -184,7 +184,8 @@ def _train(settings: Settings, base_model: str, workdir: Path, has_val: bool, en
     history: list[dict] = []
     proc = subprocess.Popen([sys.executable, "-m", "retrain.train", str(workdir / "spec.json")], cwd=str(Path(__file__).resolve().parents[1]),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    update(engine, run_id, log=f"training pid {proc.pid}")
+    log_lines.append(f"training pid {proc.pid}")
+    update(engine, run_id, log=log_lines[-1])
     for line in proc.stdout:
         line = line.rstrip()
         log_lines.append(line)

@@ -143,3 +143,45 @@ def test_ui_feedback_to_curator_approval_to_export(page, browser, live, live_url
     assert {"prompt": [{"role": "user", "content": "What is the capital of Spain?"}],
             "chosen": [{"role": "assistant", "content": "Madrid is the capital of Spain."}],
             "rejected": [{"role": "assistant", "content": answer}]} in dpo
+
+
+HOSTILE = ('<script>window.__pwned = 1</script> <img src=x onerror="window.__pwned = 2"> <svg onload="window.__pwned = 3"></svg> '
+           '[click me](javascript:window.__pwned=4) <a href="javascript:window.__pwned=5">link</a>')
+INERT = """() => window.__pwned === 0 && !document.querySelector('[onerror], [onload], a[href^="javascript:"]')
+    && ![...document.scripts].some(s => s.textContent.includes('__pwned'))"""
+
+
+@pytest.mark.faults
+def test_hostile_text_is_stored_verbatim_and_rendered_inert(browser, live, live_url):
+    import re
+
+    ctx = browser.new_context()
+    ctx.add_init_script("window.__pwned = 0")
+    dialogs = []
+    page = ctx.new_page()
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.goto(live_url)
+    send(page, HOSTILE)
+    with session(live.engine) as s:
+        user = s.exec(select(Message).where(Message.role == "user").order_by(Message.id.desc())).first()
+    assert user.content == HOSTILE  # stored verbatim
+    for link in page.locator("#chat a", has_text=re.compile("click me|link")).all():
+        link.click(force=True)
+    page.locator("#chat button[aria-label='Edit']").last.click()
+    page.locator("#chat textarea.edit-textarea").fill(HOSTILE)
+    page.locator("#chat button[aria-label='Submit']").click()
+    wait_until(lambda: "Correction saved" in page.locator("#status").inner_text())
+    assert page.evaluate(INERT), page.locator("#chat").inner_html()[:2000]
+    with session(live.engine) as s:
+        fb = s.exec(select(Feedback).order_by(Feedback.updated_at.desc())).first()
+    assert fb.correction == HOSTILE
+
+    curator = ctx.new_page()
+    curator.goto(f"{live_url}/curate/")
+    cell = curator.locator("#queue [role=gridcell]").filter(has_text=re.compile(rf"^\s*{fb.id}\s*$"))
+    cell.first.wait_for()
+    cell.first.click()
+    wait_until(lambda: curator.locator("#correction textarea").input_value() == HOSTILE)
+    assert curator.evaluate(INERT), curator.locator("#queue").inner_html()[:2000]
+    assert page.evaluate(INERT) and dialogs == []
+    ctx.close()

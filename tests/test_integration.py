@@ -107,6 +107,7 @@ def test_invalid_adapter_is_refused_before_vllm(api, live, learned, tmp_path):
     assert api.get("/api/health").json()["vllm"]["status"] == "ok"
 
 
+@pytest.mark.faults
 def test_vllm_killed_restarts_and_serves_active_adapter_again(api, live, learned):
     import os
     import signal
@@ -121,7 +122,7 @@ def test_vllm_killed_restarts_and_serves_active_adapter_again(api, live, learned
         # During the outage chat answers a clear 503 at once instead of hanging.
         r = api.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": QUESTION}]})
         assert r.status_code == 503 and "unavailable" in r.json()["error"]["message"]
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 120  # the promise: serving the active adapter again within 2 minutes
         while time.monotonic() < deadline and not (sup.state == "ready" and sup.proc.pid != old_pid):
             time.sleep(1)
         assert sup.state == "ready" and sup.restarts >= 1
