@@ -30,6 +30,7 @@ from serve.client import VLLMClient
 from serve.services import Services
 from serve.web import build_app
 from settings import Settings
+from test_schedule import app_was_down_at_the_cron_time
 from test_store import add_turn
 
 pytestmark = pytest.mark.faults
@@ -229,17 +230,7 @@ sch.shutdown()
 
 
 def test_two_app_processes_run_a_due_cycle_exactly_once(tmp_path, monkeypatch):
-    from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
-    from apscheduler.schedulers.background import BackgroundScheduler
-
-    monkeypatch.setenv("TUNELOOP_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("TUNELOOP_SCHEDULE", f"{(datetime.now(timezone.utc) - timedelta(minutes=30)).minute} * * * *")
-    settings = Settings()
-    migrate(settings.db_url)
-    setup = BackgroundScheduler(jobstores={"default": SQLAlchemyJobStore(url=settings.db_url, tablename="apscheduler_jobs")}, timezone=timezone.utc)
-    setup.add_job("test_schedule:fire", schedule.trigger(settings), id=schedule.JOB_ID,
-                  next_run_time=datetime.now(timezone.utc) - timedelta(minutes=30))
-    setup.start(paused=True)  # paused: the due job is stored and stays unfired, as when the app went down before 02:00
+    settings, setup = app_was_down_at_the_cron_time(tmp_path, monkeypatch)
     tests_dir = str(Path(__file__).parent)
     code = SCHEDULER_PROCESS.format(tests=tests_dir, root=str(Path(tests_dir).parent))
     procs = [subprocess.Popen([sys.executable, "-c", code], env=os.environ.copy(), stdout=subprocess.PIPE,

@@ -252,11 +252,15 @@ def test_hot_swap_under_16_streams_has_no_error_and_no_mixed_version(live, tmp_p
         def stream_forever() -> None:
             with httpx.Client(base_url=base, timeout=300) as c:
                 while not stop.is_set():
-                    with c.stream("POST", "/v1/chat/completions", json={"messages": [{"role": "user", "content": QUESTION}],
-                                                                        "stream": True, "temperature": 0, "max_tokens": 10}) as r:
-                        lines = [ln for ln in r.iter_lines() if ln.startswith("data: {")]
-                        last = json.loads(lines[-1]) if lines else {}
-                        results.append((r.status_code, "\n".join(lines), (last.get("tuneloop") or {}).get("adapter", "?")))
+                    try:
+                        with c.stream("POST", "/v1/chat/completions", json={"messages": [{"role": "user", "content": QUESTION}],
+                                                                            "stream": True, "temperature": 0, "max_tokens": 10}) as r:
+                            lines = [ln for ln in r.iter_lines() if ln.startswith("data: {")]
+                            last = json.loads(lines[-1][6:]) if lines else {}
+                            results.append((r.status_code, "\n".join(lines), (last.get("tuneloop") or {}).get("adapter", "?")))
+                    except Exception as e:  # a failed request fails the test below; stop swapping now
+                        results.append((0, repr(e), "?"))
+                        stop.set()
 
         streams = [threading.Thread(target=stream_forever) for _ in range(16)]
         for t in streams:
@@ -264,7 +268,7 @@ def test_hot_swap_under_16_streams_has_no_error_and_no_mixed_version(live, tmp_p
         def answered_by(version, since: int) -> None:
             # Swap again only once the version just made active has answered someone.
             deadline = time.monotonic() + 120
-            while not any(a == version for _, _, a in results[since:]) and time.monotonic() < deadline:
+            while not any(a == version for _, _, a in results[since:]) and not stop.is_set() and time.monotonic() < deadline:
                 time.sleep(0.05)
 
         swaps = []

@@ -28,24 +28,28 @@ def test_slot_is_the_latest_cron_time():
     assert schedule.slot_for(s, at - timedelta(hours=1)) == "2026-11-23T02:00:00+00:00"
 
 
-@pytest.mark.faults
-def test_two_schedulers_missed_firing_runs_exactly_once(tmp_path, monkeypatch):
-    monkeypatch.setenv("TUNELOOP_DATA_DIR", str(tmp_path / "data"))
-    # Due 30 minutes ago: the app was down at the cron time and starts now.
-    monkeypatch.setenv("TUNELOOP_SCHEDULE", f"{(datetime.now(timezone.utc) - timedelta(minutes=30)).minute} * * * *")
-    settings = Settings()
+def app_was_down_at_the_cron_time(tmp_path, monkeypatch):
+    """A store holding a job that fell due 30 minutes ago; returns the settings and a paused
+    scheduler that keeps it stored and unfired (a shutdown now would consume the firing)."""
     from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
     from apscheduler.schedulers.background import BackgroundScheduler
 
     from data_store.db import migrate
 
+    monkeypatch.setenv("TUNELOOP_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("TUNELOOP_SCHEDULE", f"{(datetime.now(timezone.utc) - timedelta(minutes=30)).minute} * * * *")
+    settings = Settings()
     migrate(settings.db_url)
-    # What the store holds after the app went down before the cron time: a due job.
     setup = BackgroundScheduler(jobstores={"default": SQLAlchemyJobStore(url=settings.db_url, tablename="apscheduler_jobs")}, timezone=timezone.utc)
     setup.add_job("test_schedule:fire", schedule.trigger(settings), id=schedule.JOB_ID,
                   next_run_time=datetime.now(timezone.utc) - timedelta(minutes=30))
-    setup.start(paused=True)  # paused: it stores the job and never runs it (a shutdown now would consume the firing)
+    setup.start(paused=True)
+    return settings, setup
 
+
+@pytest.mark.faults
+def test_two_schedulers_missed_firing_runs_exactly_once(tmp_path, monkeypatch):
+    settings, setup = app_was_down_at_the_cron_time(tmp_path, monkeypatch)
     schedulers = [schedule.start_scheduler(settings, job="test_schedule:fire") for _ in range(2)]
     engine = make_engine(settings.db_url)
     deadline = time.monotonic() + 20
