@@ -58,9 +58,8 @@ def serve(host: Optional[str] = typer.Option(None, help="Override TUNELOOP_HOST.
     import uvicorn
 
     from serve import model
-    from serve.chat import ChatService
     from serve.client import VLLMClient
-    from serve.services import Services
+    from serve.services import build as build_services
     from serve.vllm_server import VLLMSupervisor
     from serve.web import build_app
     from settings import DEFAULT_MODEL
@@ -76,7 +75,7 @@ def serve(host: Optional[str] = typer.Option(None, help="Override TUNELOOP_HOST.
     except model.ModelError as e:
         fail(str(e))
     client = VLLMClient(settings.served_vllm_url)
-    services = Services(settings, engine, client, ChatService(settings, engine, client, model.served_name(settings)), base)
+    services = build_services(settings, engine, client, base)
     if settings.vllm_mode == "spawn":
         services.supervisor = VLLMSupervisor(settings, base, model.served_name(settings), on_ready=services.reload_active)
         typer.echo(f"Starting vLLM on {settings.served_vllm_url} (about a minute on CPU)...")

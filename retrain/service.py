@@ -12,7 +12,7 @@ import httpx
 from sqlalchemy.engine import Engine
 
 from retrain import cycle
-from serve import adapters, model
+from serve import adapters, model, zero_adapter
 from serve.client import VLLMClient
 from settings import Settings
 
@@ -35,7 +35,8 @@ def run_by_id(settings: Settings, engine: Engine, run_id: int, promote: Optional
               force: bool = False, on_event: cycle.Event = lambda e: None):
     client = VLLMClient(settings.served_vllm_url)
     try:
-        return cycle.run_cycle(settings, engine, client, model.resolve(settings), model.served_name(settings), run_id,
+        base = model.resolve(settings)
+        return cycle.run_cycle(settings, engine, client, base, zero_adapter.ensure(client, settings, base), run_id,
                                promote or promote_via_app(settings, engine, client), force=force, on_event=on_event)
     finally:
         client.close()

@@ -109,7 +109,7 @@ def _safetensors_shapes(file: Path) -> dict[str, list[int]]:
 
 
 def _check_shapes(path: Path, shapes: dict[str, list[int]], base_model: str) -> None:
-    linears = _base_linears(base_model)
+    linears = base_linears(base_model)
     if not shapes:
         raise AdapterError(f"{path} holds no tensors")
     for key, shape in shapes.items():
@@ -127,7 +127,7 @@ def _check_shapes(path: Path, shapes: dict[str, list[int]], base_model: str) -> 
 
 
 @lru_cache(maxsize=4)
-def _base_linears(base_model: str) -> dict[str, tuple[int, int]]:
+def base_linears(base_model: str) -> dict[str, tuple[int, int]]:
     """Every Linear in the base model, by name, with (in, out) features; built on the meta device."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM

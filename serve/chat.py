@@ -65,11 +65,13 @@ def check_messages(messages: list[dict[str, str]], max_chars: int) -> None:
 
 
 class ChatService:
-    def __init__(self, settings: Settings, engine: Engine, client: VLLMClient, base_name: str):
+    def __init__(self, settings: Settings, engine: Engine, client: VLLMClient, base_name: str,
+                 base_route: Optional[str] = None):
         self.settings = settings
         self.engine = engine
         self.client = client
-        self.base_name = base_name
+        self.base_name = base_name  # what users see and the API reports
+        self.base_route = base_route or base_name  # what vLLM is asked for (see serve/zero_adapter.py)
         self._inflight: Counter[str] = Counter()
         self._cv = threading.Condition()
 
@@ -95,7 +97,7 @@ class ChatService:
         with self._cv:
             # Read the active version and count ourselves on it atomically with respect to drain.
             adapter = self.active()
-            model = adapter or self.base_name
+            model = adapter or self.base_route
             self._inflight[model] += 1
         started = time.perf_counter()
         parts: list[str] = []

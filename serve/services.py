@@ -7,7 +7,7 @@ from typing import Optional
 
 from sqlalchemy.engine import Engine
 
-from serve import adapters
+from serve import adapters, zero_adapter
 from serve.chat import ChatService
 from serve.client import VLLMClient
 from serve.vllm_server import VLLMSupervisor
@@ -30,4 +30,13 @@ class Services:
         return adapters.rollback(self.engine, self.vllm, self.settings, drain=self.chat.drain)
 
     def reload_active(self) -> Optional[str]:
+        """After vLLM (re)starts: the zero adapter, if base traffic uses one, then the active version."""
+        zero_adapter.ensure(self.vllm, self.settings, self.base_model)
         return adapters.reload_active(self.engine, self.vllm, self.settings)
+
+
+def build(settings: Settings, engine: Engine, client: VLLMClient, base_model: str) -> Services:
+    from serve.model import served_name
+
+    chat = ChatService(settings, engine, client, served_name(settings), zero_adapter.route(settings))
+    return Services(settings, engine, client, chat, base_model)

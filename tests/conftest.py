@@ -99,9 +99,8 @@ def live(tmp_path_factory, default_model):
     """One vLLM server and one store for the whole session (vLLM takes about a minute to start)."""
     from data_store.db import make_engine, migrate
     from serve import model
-    from serve.chat import ChatService
     from serve.client import VLLMClient
-    from serve.services import Services
+    from serve.services import build
     from serve.vllm_server import VLLMSupervisor
 
     data = tmp_path_factory.mktemp("live")
@@ -109,7 +108,7 @@ def live(tmp_path_factory, default_model):
     migrate(s.db_url)
     eng = make_engine(s.db_url)
     client = VLLMClient(s.served_vllm_url)
-    services = Services(s, eng, client, ChatService(s, eng, client, model.served_name(s)), default_model)
+    services = build(s, eng, client, default_model)
     services.supervisor = VLLMSupervisor(s, default_model, model.served_name(s), on_ready=services.reload_active)
     services.supervisor.start()
     yield services
@@ -141,11 +140,9 @@ def serve_app(services):
 
 def services_for(settings: Settings, engine, client, base_model: str):
     """Services over another store that share the session's vLLM client."""
-    from serve import model
-    from serve.chat import ChatService
-    from serve.services import Services
+    from serve.services import build
 
-    return Services(settings, engine, client, ChatService(settings, engine, client, model.served_name(settings)), base_model)
+    return build(settings, engine, client, base_model)
 
 
 @pytest.fixture(scope="session")

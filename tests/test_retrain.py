@@ -89,7 +89,7 @@ def test_classification_is_answered_within_the_label_set(live):
     cases = [Case([{"role": "user", "content": f"Classify the sentiment: {text}"}], ref, labels)
              for text, ref in [("I love this!", "positive"), ("This is awful.", "negative"), ("It is a chair.", "neutral")]]
     scorer = Scorer(live.vllm, Likelihood(live.base_model))
-    scores = scorer.score(live.chat.base_name, None, cases)
+    scores = scorer.score(live.chat.base_route, None, cases)
     assert set(scores) == {"nll", "accuracy"} and len(scores["accuracy"]) == 3
     assert all(a.strip() in labels for a in scorer.last_answers)  # structured outputs held the answer to the set
     assert 0.0 <= summary(scores, cases, scorer.last_answers)["macro_f1"] <= 1.0
