@@ -275,6 +275,9 @@ def test_hot_swap_under_16_streams_has_no_error_and_no_mixed_version(live, tmp_p
                     try:
                         with c.stream("POST", "/v1/chat/completions", json={"messages": [{"role": "user", "content": QUESTION}],
                                                                             "stream": True, "temperature": 0, "max_tokens": 10}) as r:
+                            if r.status_code != 200:
+                                results.append((r.status_code, r.read().decode(), "?"))
+                                continue
                             lines = [ln for ln in r.iter_lines() if ln.startswith("data: {")]
                             last = json.loads(lines[-1][6:]) if lines else {}
                             results.append((r.status_code, "\n".join(lines), (last.get("tuneloop") or {}).get("adapter", "?")))

@@ -1,0 +1,140 @@
+"""Benchmark: feedback writes per second through POST /api/feedback at 1, 16 and 64 concurrent clients.
+
+Run as: .venv/bin/python bench/ingest.py [--posts 2000]
+Starts `tuneloop serve` as its own process on a fresh SQLite store (an external vLLM URL that is
+never called: feedback needs no model), seeds one assistant message per post, posts from asyncio
+clients, then counts the rows. Writes bench/results/ingest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LEVELS = (1, 16, 64)
+TARGET_PER_S, TARGET_P99_MS = 500, 100
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def seed_messages(engine, n: int) -> list[int]:
+    from data_store.db import session
+    from data_store.models import Conversation, Message
+
+    ids = []
+    with session(engine) as s:
+        for i in range(n):
+            c = Conversation(source="api")
+            s.add(c)
+            s.flush()
+            s.add(Message(conversation_id=c.id, position=0, role="user", content=f"question {i}"))
+            m = Message(conversation_id=c.id, position=1, role="assistant", content=f"answer {i}")
+            s.add(m)
+            s.flush()
+            ids.append(m.id)
+    return ids
+
+
+async def post_all(base: str, ids: list[int], clients: int) -> tuple[float, list[float], int]:
+    import httpx
+
+    queue = list(ids)
+    latencies: list[float] = []
+    failed = 0
+
+    async def worker(client) -> None:
+        nonlocal failed
+        while queue:
+            mid = queue.pop()
+            t = time.perf_counter()
+            r = await client.post("/api/feedback", json={"message_id": mid, "rating": "down",
+                                                         "correction": f"better answer {mid}", "author": f"u{mid % 50}"})
+            latencies.append((time.perf_counter() - t) * 1000)
+            failed += r.status_code != 200
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(clients)))
+        return time.perf_counter() - started, latencies, failed
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--posts", type=int, default=2000, help="posts per concurrency level")
+    args = ap.parse_args()
+
+    from sqlmodel import func, select
+
+    from data_store.db import make_engine, migrate, session
+    from data_store.models import Feedback
+    from settings import Settings
+
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        env = {**os.environ, "TUNELOOP_DATA_DIR": f"{tmp}/data", "TUNELOOP_PORT": str(port),
+               "TUNELOOP_VLLM_MODE": "external", "TUNELOOP_VLLM_URL": "http://127.0.0.1:9"}
+        s = Settings(data_dir=Path(tmp) / "data", _env_file=None)
+        migrate(s.db_url)
+        engine = make_engine(s.db_url)
+        ids = seed_messages(engine, args.posts * len(LEVELS))
+        app = subprocess.Popen([str(Path(sys.executable).parent / "tuneloop"), "serve"], env=env, cwd=tmp,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            import httpx
+
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    httpx.get(f"{base}/api/health", timeout=2)  # any answer: the app is up (vLLM is not needed)
+                    break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline or app.poll() is not None:
+                    sys.exit("the app did not start; run `tuneloop serve` with the same settings to see why")
+                time.sleep(0.5)
+            levels = []
+            for i, clients in enumerate(LEVELS):
+                batch = ids[i * args.posts:(i + 1) * args.posts]
+                wall, lat, failed = asyncio.run(post_all(base, batch, clients))
+                levels.append({"clients": clients, "posts": len(batch), "failed": failed,
+                               "per_s": round(len(batch) / wall, 1), "p50_ms": round(percentile(lat, 0.50), 1),
+                               "p99_ms": round(percentile(lat, 0.99), 1)})
+                print(json.dumps(levels[-1]), flush=True)
+        finally:
+            app.terminate()
+            app.wait(30)
+        with session(engine) as db:
+            rows = db.exec(select(func.count()).select_from(Feedback)).one()
+    result = {"benchmark": "ingest", "cpus": os.cpu_count(), "levels": levels, "rows": rows,
+              "rows_expected": sum(lv["posts"] - lv["failed"] for lv in levels),
+              "target_per_s": TARGET_PER_S, "target_p99_ms": TARGET_P99_MS,
+              "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+    (ROOT / "bench" / "results" / "ingest.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
