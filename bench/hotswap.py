@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from ingest import free_port, percentile  # noqa: E402
+from ingest import free_port, percentile, wait_for_app  # noqa: E402
 
 TARGET_P99_S = 1.0
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -95,16 +95,7 @@ def main() -> None:
         results: list[dict] = []
         stop = threading.Event()
         try:
-            deadline = time.monotonic() + 600
-            while True:
-                try:
-                    if httpx.get(f"{url}/api/health", timeout=5).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline or app.poll() is not None:
-                    sys.exit("the app did not become healthy; run `tuneloop serve` with the same settings to see why")
-                time.sleep(1)
+            wait_for_app(url, app, 600, healthy=True)
             streams = [threading.Thread(target=stream_forever, args=(url, stop, results)) for _ in range(args.streams)]
             for t in streams:
                 t.start()

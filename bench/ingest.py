@@ -74,6 +74,22 @@ async def post_all(base: str, ids: list[int], clients: int) -> tuple[float, list
         return time.perf_counter() - started, latencies, failed
 
 
+def wait_for_app(base: str, app: subprocess.Popen, timeout: float, healthy: bool) -> None:
+    """Until /api/health answers (healthy: with 200, so vLLM is up too); exits if the app dies."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{base}/api/health", timeout=5).status_code == 200 or not healthy:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline or app.poll() is not None:
+            sys.exit("the app did not start; run `tuneloop serve` with the same settings to see why")
+        time.sleep(0.5)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -103,18 +119,7 @@ def main() -> None:
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         base = f"http://127.0.0.1:{port}"
         try:
-            import httpx
-
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    httpx.get(f"{base}/api/health", timeout=2)  # any answer: the app is up (vLLM is not needed)
-                    break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline or app.poll() is not None:
-                    sys.exit("the app did not start; run `tuneloop serve` with the same settings to see why")
-                time.sleep(0.5)
+            wait_for_app(base, app, 120, healthy=False)  # feedback needs no vLLM
             levels = []
             for i, clients in enumerate(LEVELS):
                 batch = ids[i * args.posts:(i + 1) * args.posts]
