@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+
 from settings import Settings
 
 NAME = "_base-zero-lora"  # starts with '_', so no registered version can ever take it
