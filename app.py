@@ -247,12 +247,15 @@ def retrain(now: bool = typer.Option(False, "--now", help="Run one cycle now on 
     bar = tqdm(desc=f"run {run_id}", unit="step", total=None)
     while True:
         run = httpx.get(f"http://{host}:{settings.port}/api/curation/runs/{run_id}", headers=headers, timeout=30).json()
-        steps = [h for h in run.get("history") or [] if "step" in h]
+        history = run.get("history") or []
+        steps = [h for h in history if "step" in h]
         if steps:
-            last = steps[-1]
-            bar.total = last.get("max_steps") or bar.total
-            bar.n = last["step"]
-            bar.set_postfix(loss=last.get("loss", last.get("eval_loss")), eta_s=last.get("eta_s"))
+            bar.total = steps[-1].get("max_steps") or bar.total
+            bar.n = steps[-1]["step"]
+            losses = {k: [h[k] for h in steps if h.get(k) is not None] for k in ("loss", "eval_loss")}
+            # After the last step the cycle evaluates both versions in vLLM; say so rather than a stale ETA.
+            stage = "evaluating" if any(h.get("done") for h in history) else f"eta {steps[-1].get('eta_s')} s"
+            bar.set_postfix_str(", ".join([f"{k} {v[-1]:.4g}" for k, v in losses.items() if v] + [stage]))
             bar.refresh()
         else:
             bar.set_postfix_str(run["status"])

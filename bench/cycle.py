@@ -73,8 +73,11 @@ def main() -> None:
             "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
         })
         print(json.dumps(results[-1], indent=1), flush=True)
+    # Keep earlier runs of other sizes, so that one size can be measured again on its own.
     out = ROOT / "bench" / "results" / "cycle.json"
-    out.write_text(json.dumps({"benchmark": "cycle", "cpus": os.cpu_count(), "runs": results}, indent=1))
+    earlier = json.loads(out.read_text())["runs"] if out.exists() else []
+    runs = sorted([r for r in earlier if r["examples"] not in args.n] + results, key=lambda r: r["examples"])
+    out.write_text(json.dumps({"benchmark": "cycle", "cpus": os.cpu_count(), "runs": runs}, indent=1))
 
 
 if __name__ == "__main__":

@@ -103,7 +103,8 @@ def _cycle(settings, engine, client, base_model, base_served, run_id, promote, f
     new = new_approved_since_last(engine, run_id)
     if new < settings.retrain_min_new_examples and not force:
         return _skip(engine, run_id, f"only {new} new approved example(s) since the last cycle "
-                                     f"(TUNELOOP_RETRAIN_MIN_NEW_EXAMPLES={settings.retrain_min_new_examples})", on_event)
+                                     f"(TUNELOOP_RETRAIN_MIN_NEW_EXAMPLES={settings.retrain_min_new_examples}); approve more, "
+                                     "or force one with `tuneloop retrain --now --force`", on_event)
     built = export.build(engine)  # refuses if a test prompt has a twin in train
     train_rows = to_prompt_completion(built.splits["train"])
     test = cases(built.splits["test"])

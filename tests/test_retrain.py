@@ -93,3 +93,25 @@ def test_classification_is_answered_within_the_label_set(live):
     assert set(scores) == {"nll", "accuracy"} and len(scores["accuracy"]) == 3
     assert all(a.strip() in labels for a in scorer.last_answers)  # structured outputs held the answer to the set
     assert 0.0 <= summary(scores, cases, scorer.last_answers)["macro_f1"] <= 1.0
+
+
+def test_cli_retrain_now_follows_the_running_service_to_its_decision(live_url, tmp_path):
+    """`tuneloop retrain --now` asks the running app for a cycle and follows it to the end.
+
+    Nothing new was approved since the last cycle (or ever), so the app records a skipped cycle and
+    the CLI ends with that reason rather than training.
+    """
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    from urllib.parse import urlsplit
+
+    env = {**os.environ, "TUNELOOP_DATA_DIR": str(tmp_path / "cli"), "TUNELOOP_HOST": "127.0.0.1",
+           "TUNELOOP_PORT": str(urlsplit(live_url).port)}
+    cli = Path(sys.executable).parent / "tuneloop"
+    done = subprocess.run([str(cli), "retrain", "--now"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "run " in done.stderr  # tqdm's bar, on stderr
+    assert done.stdout.startswith("skipped: ") and "new approved example(s)" in done.stdout, done.stdout
+    assert "--force" in done.stdout  # the reason names the way out
