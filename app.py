@@ -10,6 +10,7 @@ Heavy imports happen inside the commands, so `tuneloop --help` is instant.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -86,6 +87,9 @@ def serve(host: Optional[str] = typer.Option(None, help="Override TUNELOOP_HOST.
 
     scheduler = start_scheduler(settings)
     typer.echo(f"tuneloop is serving at http://{settings.host}:{settings.port} (curation: /curate; retrain schedule {settings.schedule} UTC)")
+    # uvicorn re-raises SIGTERM after its graceful shutdown; under the default handler that ends this
+    # process before `finally` runs, orphaning vLLM (its port and a core). Exit through `finally`.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         uvicorn.run(build_app(services), host=settings.host, port=settings.port, log_level="warning")
     finally:

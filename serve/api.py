@@ -198,7 +198,8 @@ def router(services: Services) -> APIRouter:
         vllm_ok = await run_in_threadpool(services.vllm.healthy)
         report["vllm"] = {"url": services.vllm.url, "status": "ok" if vllm_ok else "unavailable"}
         if services.supervisor is not None:
-            report["vllm"].update(state=services.supervisor.state, restarts=services.supervisor.restarts)
+            report["vllm"].update(state=services.supervisor.state, restarts=services.supervisor.restarts,
+                                  pid=services.supervisor.proc.pid if services.supervisor.proc else None)
             vllm_ok = vllm_ok and services.supervisor.state == "ready"
         report["base_model"] = chat.base_name
         ok = ok and vllm_ok

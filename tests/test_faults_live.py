@@ -411,3 +411,32 @@ def test_planted_probe_blocks_an_adapter_that_learned_a_trigger(live, tmp_path):
     with session(svc.engine) as s:
         assert s.exec(select(Adapter).where(Adapter.name == run.adapter)).one().status == "rejected"
     svc.engine.dispose()
+
+
+# ---- 13. stopping the service stops its vLLM ----
+
+def test_sigterm_to_the_service_stops_its_vllm_too(tmp_path, default_model):
+    """systemd and docker stop with SIGTERM; an orphaned vLLM would keep its port and a core."""
+    from conftest import free_port
+
+    port = free_port()
+    env = {**os.environ, "TUNELOOP_DATA_DIR": str(tmp_path / "data"), "TUNELOOP_HOST": "127.0.0.1",
+           "TUNELOOP_PORT": str(port), "TUNELOOP_VLLM_PORT": str(free_port())}
+    cli = Path(os.sys.executable).parent / "tuneloop"
+    app = subprocess.Popen([str(cli), "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, pid = time.monotonic() + 300, None
+        while pid is None and app.poll() is None and time.monotonic() < deadline:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=5)
+                pid = health.json()["vllm"].get("pid") if health.status_code == 200 else None
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        assert pid, "the service did not become healthy within 300 s"
+        app.send_signal(signal.SIGTERM)
+        assert app.wait(60) == 128 + signal.SIGTERM
+        assert not Path(f"/proc/{pid}").exists(), f"vLLM (pid {pid}) outlived the service"
+    finally:
+        if app.poll() is None:
+            app.kill()
