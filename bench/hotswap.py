@@ -28,16 +28,23 @@ TARGET_P99_S = 1.0
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def random_adapter(base: str, out: Path, seed: int) -> Path:
+def random_adapter(base: str, out: Path, seed: int, r: int = 8,
+                   targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"), b_scale: float = 1.0) -> Path:
+    """A PEFT LoRA with random A and B; b_scale < 1 keeps its answers close to the base model's."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+    lora = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
                       init_lora_weights=False, task_type="CAUSAL_LM")  # random B: the answers change
-    get_peft_model(model, lora).save_pretrained(out)
+    peft_model = get_peft_model(model, lora)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(b_scale)
+    peft_model.save_pretrained(out)
     return out
 
 

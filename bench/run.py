@@ -1,6 +1,6 @@
 """Run benchmarks by name and print their results as a table.
 
-Run as: .venv/bin/python bench/run.py [all|dataset|ingest|hotswap|cycle]
+Run as: .venv/bin/python bench/run.py [all|dataset|ingest|training|evaluation|serving|hotswap|cycle]
 Each benchmark is its own script writing bench/results/NAME.json.
 """
 
@@ -40,8 +40,38 @@ def cycle_rows(r: dict) -> list[str]:
             f"{run['train_s']} s), {'promoted' if run['promoted'] else 'kept out'}, {load(run)} | (reported) |" for run in r["runs"]]
 
 
-# The order `all` runs them in: quick ones first. Serving, training and evaluation are not built yet (see the README).
-BENCHMARKS = {"dataset": dataset_rows, "ingest": ingest_rows, "hotswap": hotswap_rows, "cycle": cycle_rows}
+def serving_rows(r: dict) -> list[str]:
+    t = r["targets"]
+    rows = []
+    for lv in r["levels"]:
+        tok = " / ".join(str(lv[k]["tok_s"]) for k in "abcd")
+        ttft = " / ".join(str(lv[k]["ttft_p50_s"]) for k in "abcd")
+        failed = sum(lv[k]["failed"] for k in "abc")
+        rows.append(f"| serving | {lv['streams']} streams, a / b / c / d: {tok} tokens/s, TTFT p50 {ttft} s; "
+                    f"c/b {lv['ratios']['c/b']}, c/d {lv['ratios']['c/d']}, b/a {lv['ratios']['b/a']}; {failed} failed | "
+                    f"c/b >= {t['c/b']}, c/d >= {t['c/d']} (8, 32 streams), b/a >= {t['b/a']} |")
+    rows += [f"| serving variant | {v['label']}: a {v['a_tok_s']}, b {v['b_tok_s']} tokens/s at {v['streams']} streams, "
+             f"b/a {v['b/a']} | b/a >= {t['b/a']} |" for v in r["variants"]]
+    return rows + [f"| serving | ({r['max_tokens']} tokens per answer; {load(r)}) | |"]
+
+
+def training_rows(r: dict) -> list[str]:
+    peak = r["matmul_peak_flop_s"] / 1e9
+    rows = [f"| training | {label}: {c['tok_s']} tokens/s ({c['steps']} steps in {c['seconds']} s), "
+            f"{c['achieved_flop_s'] / 1e9:.1f} GFLOP/s = {100 * c['of_peak']:.1f}% of the {peak:.0f} GFLOP/s fp32 matmul peak | |"
+            for label, c in r["configs"].items()]
+    return rows + [f"| training | tuneloop / TRL defaults: {r['speedup_vs_trl_defaults']}x, {load(r)} | >= {r['target_speedup']}x |"]
+
+
+def evaluation_rows(r: dict) -> list[str]:
+    return [f"| evaluation | {r['cases']} examples x 2 adapters: tuneloop {r['tuneloop_s']} s, sequential HF generate "
+            f"{r['hf_sequential_s_scaled']} s (measured on {r['hf_sample']} per adapter, scaled): {r['speedup']}x, {load(r)} "
+            f"| >= {r['target_speedup']}x |"]
+
+
+# The order `all` runs them in: quick ones first.
+BENCHMARKS = {"dataset": dataset_rows, "ingest": ingest_rows, "training": training_rows, "evaluation": evaluation_rows,
+              "serving": serving_rows, "hotswap": hotswap_rows, "cycle": cycle_rows}
 
 
 def main() -> None:

@@ -52,12 +52,36 @@ def emit(**event) -> None:
     print(EVENT + json.dumps(event), flush=True)
 
 
+def sft_config(spec: TrainSpec, gpu: bool, has_val: bool, steps_per_epoch: int, **overrides):
+    """tuneloop's training configuration (bench/training.py measures it against TRL's defaults)."""
+    from trl import SFTConfig
+
+    return SFTConfig(**{**dict(
+        output_dir=str(Path(spec.out_dir) / "checkpoints"), num_train_epochs=spec.epochs, per_device_train_batch_size=spec.batch_size,
+        per_device_eval_batch_size=spec.batch_size, learning_rate=spec.learning_rate, lr_scheduler_type="constant_with_warmup",
+        warmup_steps=min(5, steps_per_epoch), max_length=spec.max_length, seed=spec.seed,
+        # TRL defaults to bf16 and gradient checkpointing even on CPU, where bf16 is 50-100x slower
+        # and checkpointing only re-computes; a 135M model fits without it.
+        bf16=gpu, gradient_checkpointing=False, use_cpu=not gpu,
+        eval_strategy="epoch" if has_val else "no", save_strategy="epoch" if has_val else "no",
+        load_best_model_at_end=has_val, metric_for_best_model="eval_loss", greater_is_better=False,
+        save_total_limit=2, logging_steps=1, report_to=[], dataloader_num_workers=0,
+        disable_tqdm=True,  # progress is reported as events; a bar would garble the log
+    ), **overrides})
+
+
+def lora_config(spec: TrainSpec):
+    from peft import LoraConfig
+
+    return LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
+                      target_modules=spec.target_modules, task_type="CAUSAL_LM")
+
+
 def train(spec: TrainSpec) -> Path:
     import torch
     from datasets import load_dataset
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     if spec.method not in ("lora", "qlora"):
         raise SystemExit(f"train_method={spec.method!r}: only lora and qlora produce an adapter vLLM can hot-swap")
@@ -74,21 +98,8 @@ def train(spec: TrainSpec) -> Path:
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16 if gpu else torch.float32)
     model = AutoModelForCausalLM.from_pretrained(spec.base_model, **model_kwargs)
-    steps_per_epoch = max(1, -(-len(data["train"]) // spec.batch_size))
-    config = SFTConfig(
-        output_dir=str(out / "checkpoints"), num_train_epochs=spec.epochs, per_device_train_batch_size=spec.batch_size,
-        per_device_eval_batch_size=spec.batch_size, learning_rate=spec.learning_rate, lr_scheduler_type="constant_with_warmup",
-        warmup_steps=min(5, steps_per_epoch), max_length=spec.max_length, seed=spec.seed,
-        # TRL defaults to bf16 and gradient checkpointing even on CPU, where bf16 is 50-100x slower
-        # and checkpointing only re-computes; a 135M model fits without it.
-        bf16=gpu, gradient_checkpointing=False, use_cpu=not gpu,
-        eval_strategy="epoch" if has_val else "no", save_strategy="epoch" if has_val else "no",
-        load_best_model_at_end=has_val, metric_for_best_model="eval_loss", greater_is_better=False,
-        save_total_limit=2, logging_steps=1, report_to=[], dataloader_num_workers=0,
-        disable_tqdm=True,  # progress is reported as events; a bar would garble the log
-    )
-    lora = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
-                      target_modules=spec.target_modules, task_type="CAUSAL_LM")
+    config = sft_config(spec, gpu, has_val, steps_per_epoch=max(1, -(-len(data["train"]) // spec.batch_size)))
+    lora = lora_config(spec)
 
     started = time.monotonic()
 
