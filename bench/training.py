@@ -1,6 +1,6 @@
 """Benchmark: training tokens/s of tuneloop's configuration against TRL's defaults, same data, same run.
 
-Run as: .venv/bin/python bench/training.py [--examples 32]
+Run as: .venv/bin/python bench/training.py [--examples 16]
 One epoch of LoRA SFT (rank 8 on every linear layer, batch 8) on the default model per configuration:
   - TRL's defaults: SFTConfig() as it comes (bf16, gradient checkpointing, padded batches);
   - TRL's defaults in float32 (to separate the dtype from checkpointing);
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -67,7 +68,8 @@ def one_epoch(base: str, data, config, lora) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--examples", type=int, default=32)
+    ap.add_argument("--examples", type=int, default=16)
+    ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     import torch
@@ -81,7 +83,7 @@ def main() -> None:
     load_before = os.getloadavg()
     base = str(model.pull(Settings(_env_file=None), progress=False))
     data = Dataset.from_list(rows(args.examples))
-    peak = matmul_peak_flops()
+    peak = matmul_peak_flops() if args.one is None else 0.0
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         spec = TrainSpec(base_model=base, train_file="", val_file=None, out_dir=tmp)
@@ -96,8 +98,17 @@ def main() -> None:
             "tuneloop + padding_free": sft_config(spec, False, False, steps, padding_free=True, max_length=None, **same),
             "tuneloop + packing (bfd)": sft_config(spec, False, False, steps, packing=True, packing_strategy="bfd", **same),
         }
-        for label, config in configs.items():
-            results[label] = one_epoch(base, data, config, lora_config(spec))
+        if args.one is not None:  # a child: accelerate's state is per process, and bf16 cannot be undone in it
+            label, config = list(configs.items())[args.one]
+            print("RESULT " + json.dumps(one_epoch(base, data, config, lora_config(spec))), flush=True)
+            return
+        for i, label in enumerate(configs):
+            child = subprocess.run([sys.executable, __file__, "--examples", str(args.examples), "--one", str(i)],
+                                   capture_output=True, text=True)
+            found = [ln for ln in child.stdout.splitlines() if ln.startswith("RESULT ")]
+            if not found:
+                sys.exit(f"{label} failed:\n{child.stderr[-3000:]}")
+            results[label] = json.loads(found[-1][7:])
             results[label]["achieved_flop_s"] = 4 * 134.5e6 * results[label]["tok_s"]
             results[label]["of_peak"] = round(results[label]["achieved_flop_s"] / peak, 3)
             print(json.dumps({label: results[label]}), flush=True)
