@@ -6,7 +6,7 @@
 then what moves (b)/(a) on CPU: vLLM thread binding, LoRA rank and target modules, KV cache space.
 
 Run as: .venv/bin/python bench/serving.py [--variants/--no-variants]
-Every answer is exactly --max-tokens long (vLLM's ignore_eos, HF's min_new_tokens; the adapter
+Every answer is exactly --max-tokens long (vLLM's ignore_eos, which the app passes on; HF's min_new_tokens; the adapter
 has random B matrices, so it rambles rather than stopping), so the arms produce the same work.
 Writes bench/results/serving.json.
 """
@@ -56,9 +56,9 @@ async def drive(url: str, model: str | None, texts: list[str], streams: int, max
         nonlocal tokens, failed
         while queue:
             body = {"messages": [{"role": "user", "content": queue.pop()}], "max_tokens": max_tokens,
-                    "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
-            if raw:  # only raw vLLM takes these; the app answers with its active version
-                body.update(model=model, ignore_eos=True)
+                    "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+            if raw:  # the app answers with its active version whatever the body names
+                body["model"] = model
             started, first, used = time.perf_counter(), None, 0
             async with c.stream("POST", "/v1/chat/completions", json=body) as r:
                 async for line in r.aiter_lines():

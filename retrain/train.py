@@ -70,6 +70,18 @@ def sft_config(spec: TrainSpec, gpu: bool, has_val: bool, steps_per_epoch: int, 
     ), **overrides})
 
 
+def batching(longest_row: int, max_length: int) -> dict:
+    """Padding-free batches (no pad tokens computed; bench/training.py measures the gain) when no
+    row needs truncating: TRL enforces max_length only on padded or packed batches."""
+    return dict(padding_free=True, max_length=None) if longest_row <= max_length else {}
+
+
+def row_tokens(tok, row: dict) -> int:
+    """Tokens of a prompt/completion row as TRL tokenizes it: the whole conversation, templated."""
+    ids = tok.apply_chat_template([*row["prompt"], *row["completion"]], tokenize=True, return_dict=True)["input_ids"]
+    return len(ids)
+
+
 def lora_config(spec: TrainSpec):
     from peft import LoraConfig
 
@@ -98,7 +110,10 @@ def train(spec: TrainSpec) -> Path:
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16 if gpu else torch.float32)
     model = AutoModelForCausalLM.from_pretrained(spec.base_model, **model_kwargs)
-    config = sft_config(spec, gpu, has_val, steps_per_epoch=max(1, -(-len(data["train"]) // spec.batch_size)))
+    longest = max(row_tokens(tok, row) for split in data.values() for row in split)
+    config = sft_config(spec, gpu, has_val, steps_per_epoch=max(1, -(-len(data["train"]) // spec.batch_size)),
+                        **batching(longest, spec.max_length))
+    emit(batching="padding-free" if config.padding_free else f"padded (a row of {longest} tokens is cut to {spec.max_length})")
     lora = lora_config(spec)
 
     started = time.monotonic()

@@ -58,11 +58,14 @@ class ChatRequest(BaseModel):
     seed: Optional[int] = None
     presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    # vLLM's own sampling extensions, passed through as vLLM's OpenAI server takes them
+    min_tokens: Optional[int] = Field(None, ge=0)
+    ignore_eos: Optional[bool] = None
     n: int = Field(1, ge=1, le=1, description="one answer per request: each is stored as one message")
     user: Optional[str] = Field(None, max_length=128)
 
     def params(self) -> dict[str, Any]:
-        keys = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty")
+        keys = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty", "min_tokens", "ignore_eos")
         out = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
         if self.max_tokens or self.max_completion_tokens:
             out["max_tokens"] = self.max_completion_tokens or self.max_tokens

@@ -94,6 +94,9 @@ class ChatService:
         params = dict(params or {})
         params.setdefault("max_tokens", self.settings.max_new_tokens)
         params.setdefault("temperature", self.settings.temperature)
+        if params.get("min_tokens", 0) > params["max_tokens"]:
+            raise ChatInputError(f"min_tokens ({params['min_tokens']}) is above max_tokens ({params['max_tokens']}); "
+                                 "lower min_tokens or raise max_tokens")
         with self._cv:
             # Read the active version and count ourselves on it atomically with respect to drain.
             adapter = self.active()

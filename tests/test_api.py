@@ -36,6 +36,8 @@ def rows(engine, model):
     ({"messages": [{"role": "user", "content": "hi"}], "n": 3}, "n"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": 9}, "temperature"),
     ({"messages": [{"role": "user", "content": "x" * 20000}]}, "above the limit"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "min_tokens": 8}, "min_tokens (8) is above max_tokens (4)"),
+    ({"messages": [{"role": "user", "content": "hi"}], "ignore_eos": "sometimes"}, "ignore_eos"),
 ])
 def test_malformed_chat_is_400_and_stores_nothing(client, engine, body, message):
     r = client.post("/v1/chat/completions", json=body)

@@ -61,6 +61,17 @@ def test_streaming_chat_through_api(api, live):
         assert s.get(Message, mid).content == text
 
 
+def test_vllm_length_extensions_pass_through(api, live):
+    """min_tokens and ignore_eos, as vLLM's own OpenAI server takes them: the answer runs to max_tokens."""
+    body = {"messages": [{"role": "user", "content": QUESTION}], "temperature": 0, "max_tokens": 64}
+    short = api.post("/v1/chat/completions", json=body).json()["usage"]["completion_tokens"]
+    assert short < 64  # the base model stops by itself
+    for extra in ({"ignore_eos": True}, {"min_tokens": 64}):
+        r = api.post("/v1/chat/completions", json={**body, **extra})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 64
+
+
 def test_feedback_through_api_is_in_database(api, live):
     mid = ask(api, "Name a colour.")["tuneloop"]["message_id"]
     r = api.post("/api/feedback", json={"message_id": mid, "rating": "down", "correction": "Blue.", "comment": "one word", "author": "alice"})

@@ -13,9 +13,10 @@ from serve import adapters
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def data(path: Path, n: int) -> str:
+def data(path: Path, n: int, long_answer: int = 0) -> str:
     rows = [{"prompt": [{"role": "user", "content": f"Say the number {i}."}],
-             "completion": [{"role": "assistant", "content": f"The number is {i}."}]} for i in range(n)]
+             "completion": [{"role": "assistant", "content": f"The number is {i}." + " and again" * long_answer * (i == 0)}]}
+            for i in range(n)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
@@ -32,8 +33,22 @@ def test_child_process_trains_an_adapter_vllm_could_load(tiny_model, tmp_path, s
     events = [json.loads(line.split(EVENT, 1)[1]) for line in done.stdout.splitlines() if EVENT in line]
     assert any("loss" in e for e in events) and any("eval_loss" in e for e in events)
     assert events[-1]["done"] and events[-1]["steps"] == 8
+    assert {"batching": "padding-free"} in events  # every row fits max_length
     info = adapters.validate(tmp_path / "out" / "adapter", settings, str(tiny_model))
     assert info.rank == 4
+
+
+def test_a_row_longer_than_max_length_falls_back_to_padded_batches_that_cut_it(tiny_model, tmp_path, settings):
+    spec = TrainSpec(base_model=str(tiny_model), train_file=data(tmp_path / "train.jsonl", 8, long_answer=100),
+                     val_file=None, out_dir=str(tmp_path / "out"), lora_r=4, lora_alpha=8, epochs=1, batch_size=4, max_length=64)
+    spec.dump(tmp_path / "spec.json")
+    done = subprocess.run([sys.executable, "-m", "retrain.train", str(tmp_path / "spec.json")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    events = [json.loads(line.split(EVENT, 1)[1]) for line in done.stdout.splitlines() if EVENT in line]
+    assert any(e.get("batching", "").startswith("padded (a row of") and "cut to 64" in e["batching"] for e in events)
+    assert events[-1]["done"] and events[-1]["steps"] == 2
+    adapters.validate(tmp_path / "out" / "adapter", settings, str(tiny_model))
 
 
 @pytest.mark.parametrize("stage", ["dpo", "kto"])
