@@ -50,7 +50,7 @@ def send(page, text: str) -> str:
     # Two more Edit buttons (question and answer); the answer's is enabled once streaming ends.
     page.wait_for_function(
         "n => { const b = [...document.querySelectorAll('#chat button[aria-label=Edit]')];"
-        " return b.length >= n + 2 && !b[b.length - 1].disabled; }", arg=before, timeout=120_000)
+        " return b.length >= n + 2 && !b[b.length - 1].disabled; }", arg=before, timeout=240_000)  # a whole answer on a loaded 2-core box
     return page.locator("#chat [data-testid='bot']").last.inner_text()
 
 
