@@ -95,7 +95,8 @@ def main() -> None:
         steps = -(-args.examples // spec.batch_size)
         same = dict(num_train_epochs=1, per_device_train_batch_size=spec.batch_size, seed=spec.seed, report_to=[],
                     save_strategy="no", disable_tqdm=True)  # equal work and batch order; no checkpoints written
-        longest = max(row_tokens(AutoTokenizer.from_pretrained(base), row) for row in data)
+        tok = AutoTokenizer.from_pretrained(base)  # once, not per row
+        longest = max(row_tokens(tok, row) for row in data)
         configs = {
             DEFAULTS: SFTConfig(output_dir=f"{tmp}/d", use_cpu=True, **same),
             "TRL defaults in float32": SFTConfig(output_dir=f"{tmp}/f", use_cpu=True, bf16=False, **same),

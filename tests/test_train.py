@@ -21,16 +21,21 @@ def data(path: Path, n: int, long_answer: int = 0) -> str:
     return str(path)
 
 
+def train_in_child(spec: TrainSpec, tmp_path: Path) -> list[dict]:
+    """Run retrain.train as the cycle does; its progress events, once it exited cleanly."""
+    spec.dump(tmp_path / "spec.json")
+    done = subprocess.run([sys.executable, "-m", "retrain.train", str(tmp_path / "spec.json")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return [json.loads(line.split(EVENT, 1)[1]) for line in done.stdout.splitlines() if EVENT in line]
+
+
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_child_process_trains_an_adapter_vllm_could_load(tiny_model, tmp_path, settings, method):
     spec = TrainSpec(base_model=str(tiny_model), train_file=data(tmp_path / "train.jsonl", 16),
                      val_file=data(tmp_path / "val.jsonl", 4), out_dir=str(tmp_path / "out"), method=method,
                      lora_r=4, lora_alpha=8, epochs=2, batch_size=4, learning_rate=1e-3, max_length=64)
-    spec.dump(tmp_path / "spec.json")
-    done = subprocess.run([sys.executable, "-m", "retrain.train", str(tmp_path / "spec.json")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    events = [json.loads(line.split(EVENT, 1)[1]) for line in done.stdout.splitlines() if EVENT in line]
+    events = train_in_child(spec, tmp_path)
     assert any("loss" in e for e in events) and any("eval_loss" in e for e in events)
     assert events[-1]["done"] and events[-1]["steps"] == 8
     assert {"batching": "padding-free"} in events  # every row fits max_length
@@ -41,11 +46,7 @@ def test_child_process_trains_an_adapter_vllm_could_load(tiny_model, tmp_path, s
 def test_a_row_longer_than_max_length_falls_back_to_padded_batches_that_cut_it(tiny_model, tmp_path, settings):
     spec = TrainSpec(base_model=str(tiny_model), train_file=data(tmp_path / "train.jsonl", 8, long_answer=100),
                      val_file=None, out_dir=str(tmp_path / "out"), lora_r=4, lora_alpha=8, epochs=1, batch_size=4, max_length=64)
-    spec.dump(tmp_path / "spec.json")
-    done = subprocess.run([sys.executable, "-m", "retrain.train", str(tmp_path / "spec.json")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    events = [json.loads(line.split(EVENT, 1)[1]) for line in done.stdout.splitlines() if EVENT in line]
+    events = train_in_child(spec, tmp_path)
     assert any(e.get("batching", "").startswith("padded (a row of") and "cut to 64" in e["batching"] for e in events)
     assert events[-1]["done"] and events[-1]["steps"] == 2
     adapters.validate(tmp_path / "out" / "adapter", settings, str(tiny_model))
@@ -62,11 +63,7 @@ def test_preference_stage_continues_the_adapter(tiny_model, tmp_path, settings, 
     spec = TrainSpec(base_model=str(tiny_model), train_file=data(tmp_path / "train.jsonl", 8), val_file=None,
                      out_dir=str(tmp_path / "out"), lora_r=4, lora_alpha=8, epochs=1, batch_size=4, max_length=64,
                      preference=stage, preference_file=str(tmp_path / "pref.jsonl"))
-    spec.dump(tmp_path / "spec.json")
-    done = subprocess.run([sys.executable, "-m", "retrain.train", str(tmp_path / "spec.json")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    events = [json.loads(line.split(EVENT, 1)[1]) for line in done.stdout.splitlines() if EVENT in line]
+    events = train_in_child(spec, tmp_path)
     assert {"stage": stage, "rows": len(rows)} in events
     adapters.validate(tmp_path / "out" / "adapter", settings, str(tiny_model))
 
