@@ -1,6 +1,7 @@
 """Benchmark: score a 200-example test set for two adapters the way a cycle does (retrain.evaluate:
-answers from vLLM, batched; NLL teacher-forced; exact match, token F1, chrF, BLEU), against the
-baseline a user would write: HF `generate` one example at a time, then the same metrics.
+answers from vLLM, concurrent requests; NLL teacher-forced in padded batches; exact match, token F1,
+chrF, BLEU), against the baseline a user would write: HF `generate` one example at a time, HF's loss
+one example at a time, then the same metrics.
 
 Run as: .venv/bin/python bench/evaluation.py [--cases 200] [--hf-sample 20]
 The baseline is sequential, so its time is linear in the number of examples: it is measured on
@@ -37,7 +38,11 @@ def test_cases(n: int):
                  f"RESULT: the {ITEMS[i % len(ITEMS)]} number {i} is noted.") for i in range(n)]
 
 
-def hf_answers(base: str, adapter: Path, cases, max_new_tokens: int) -> list[str]:
+def hf_baseline(base: str, adapter: Path, cases, max_new_tokens: int) -> tuple[list[str], float, float]:
+    """What a user would write: generate one example at a time, then HF's own loss one example at a time.
+
+    Returns the answers, the seconds generating and the seconds computing NLL.
+    """
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -46,11 +51,19 @@ def hf_answers(base: str, adapter: Path, cases, max_new_tokens: int) -> list[str
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), str(adapter)).eval()
     out = []
     with torch.no_grad():
+        started = time.perf_counter()
         for case in cases:
             ids = tok.apply_chat_template(case.prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
             done = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
             out.append(tok.decode(done[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
-    return out
+        generated = time.perf_counter()
+        for case in cases:
+            prompt = tok.apply_chat_template(case.prompt, add_generation_prompt=True, return_dict=True)["input_ids"]
+            full = tok.apply_chat_template(case.prompt + [{"role": "assistant", "content": case.reference}],
+                                           return_dict=True)["input_ids"]
+            labels = [-100] * len(prompt) + full[len(prompt):]
+            model(input_ids=torch.tensor([full]), labels=torch.tensor([labels])).loss.item()
+    return out, generated - started, time.perf_counter() - generated
 
 
 def metrics(answers: list[str], cases) -> list[tuple]:
@@ -89,13 +102,10 @@ def main() -> None:
         sample = cases[:args.hf_sample]
         hf = {}
         for name, path in adapters.items():
+            answers, generate_s, nll_s = hf_baseline(base, path, sample, max_new_tokens=64)
             started = time.perf_counter()
-            answers = hf_answers(base, path, sample, max_new_tokens=64)
-            generate_s = time.perf_counter() - started
-            started = time.perf_counter()
-            likelihood.score(str(path), sample)
             metrics(answers, sample)
-            hf[name] = {"generate_s": round(generate_s, 1), "nll_and_metrics_s": round(time.perf_counter() - started, 1),
+            hf[name] = {"generate_s": round(generate_s, 1), "nll_and_metrics_s": round(nll_s + time.perf_counter() - started, 1),
                         "mean_answer_chars": round(sum(map(len, answers)) / len(answers), 1)}
             print(json.dumps({name: hf[name]}), flush=True)
         hf_total = sum(v["generate_s"] + v["nll_and_metrics_s"] for v in hf.values()) * args.cases / len(sample)
@@ -114,6 +124,7 @@ def main() -> None:
                 started = time.perf_counter()
                 scorer.score(name, str(path), cases)
                 ours[name] = {"seconds": round(time.perf_counter() - started, 1),
+                              **{f"{k}_s": round(v, 1) for k, v in scorer.last_seconds.items()},
                               "mean_answer_chars": round(sum(map(len, scorer.last_answers)) / len(cases), 1)}
                 print(json.dumps({name: ours[name]}), flush=True)
             client.close()

@@ -198,6 +198,7 @@ def main() -> None:
                 ("VLLM_CPU_OMP_THREADS_BIND=0-1 (both cores compute)", {"VLLM_CPU_OMP_THREADS_BIND": "0-1"}, {}),
                 ("VLLM_CPU_OMP_THREADS_BIND=nobind", {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}, {}),
                 ("--max-lora-rank 8 (tuneloop default 16)", {}, {"max_lora_rank": 8}),
+                ("both together: bind 0-1 and --max-lora-rank 8", {"VLLM_CPU_OMP_THREADS_BIND": "0-1"}, {"max_lora_rank": 8}),
                 ("KV cache 8 GiB (tuneloop default 2)", {}, {"vllm_cpu_kvcache_gb": 8}),
             ]:
                 sv = s.model_copy(update={"vllm_port": free_port(), **overrides})

