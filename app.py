@@ -211,6 +211,8 @@ def data_import(file: Path,
         fail(str(e))
     for line in report.invalid:
         typer.echo(f"skipped {line}", err=True)
+    for warning in report.warnings:
+        typer.echo(f"warning: {warning}", err=True)
     typer.echo(json.dumps({k: v for k, v in vars(report).items() if k != "invalid"} | {"invalid": len(report.invalid)}, indent=1))
 
 

@@ -61,11 +61,20 @@ class Settings(BaseSettings):
     # Retraining (used by the retrain loop)
     schedule: str = Field("0 2 * * *", description="Cron expression for the nightly retrain cycle.")
     train_method: Literal["lora", "qlora", "full"] = Field("lora", description="Fine-tuning method.")
-    train_lora_r: int = Field(8, ge=1, description="LoRA rank (must not exceed MAX_LORA_RANK).")
-    train_lora_alpha: int = Field(16, ge=1, description="LoRA alpha.")
-    train_learning_rate: float = Field(2e-4, gt=0, description="Learning rate.")
-    train_epochs: float = Field(3, gt=0, description="Epochs over the curated training set.")
+    train_lora_r: int = Field(16, ge=1, description="LoRA rank (must not exceed MAX_LORA_RANK).")
+    train_lora_alpha: int = Field(32, ge=1, description="LoRA alpha (the update is scaled by alpha/rank).")
+    train_lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
+    train_target_modules: str = Field(
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        description="Comma-separated module names that get LoRA layers, or `all-linear`.")
+    train_learning_rate: float = Field(3e-4, gt=0, description="Learning rate.")
+    train_epochs: float = Field(2, gt=0, description="Most epochs over the curated training set (early stopping may end sooner).")
     train_batch_size: int = Field(8, ge=1, description="Sequences per optimizer step.")
+    train_max_length: int = Field(512, ge=16, description="Longest training row in tokens; longer rows are cut.")
+    train_seed: int = Field(0, description="Seed for weight init, dropout and data order.")
+    train_evals_per_epoch: int = Field(4, ge=1, description="Validation-loss evaluations per epoch (the best checkpoint is kept).")
+    train_early_stopping_patience: int = Field(
+        2, ge=1, description="Stop after this many evaluations without a lower validation loss.")
     split_ratios: tuple[float, float, float] = Field(
         (0.8, 0.1, 0.1), description="Train/val/test shares, as a JSON list; a prompt's split is frozen the first time it is seen."
     )
@@ -117,6 +126,8 @@ class Settings(BaseSettings):
         self.models_dir = self.models_dir.expanduser().resolve()
         if self.vllm_mode == "external" and not self.vllm_url:
             raise ValueError("vllm_mode=external needs TUNELOOP_VLLM_URL (the external server's base URL)")
+        if not [m for m in self.train_target_modules.split(",") if m.strip()]:
+            raise ValueError("train_target_modules is empty; name modules like 'q_proj,v_proj' or use 'all-linear'")
         if self.train_lora_r > self.max_lora_rank:
             raise ValueError(f"train_lora_r={self.train_lora_r} exceeds max_lora_rank={self.max_lora_rank}; vLLM would refuse the adapter")
         return self
@@ -148,6 +159,11 @@ class Settings(BaseSettings):
     @property
     def trusted(self) -> set[str]:
         return {a.strip() for a in self.trusted_authors.split(",") if a.strip()}
+
+    @property
+    def target_modules(self) -> list[str] | str:
+        names = [m.strip() for m in self.train_target_modules.split(",") if m.strip()]
+        return "all-linear" if names == ["all-linear"] else names
 
     def resolved_dtype(self, has_gpu: bool) -> str:
         if self.dtype != "auto":

@@ -1,6 +1,6 @@
 """Run benchmarks by name and print their results as a table.
 
-Run as: .venv/bin/python bench/run.py [all|dataset|ingest|training|evaluation|serving|hotswap|cycle]
+Run as: .venv/bin/python bench/run.py [all|dataset|ingest|training|evaluation|serving|hotswap|cycle|learning]
 Each benchmark is its own script writing bench/results/NAME.json.
 """
 
@@ -70,9 +70,25 @@ def evaluation_rows(r: dict) -> list[str]:
             f"| >= {r['target_speedup']}x |"]
 
 
+def learning_rows(r: dict) -> list[str]:
+    t, rows = r["targets"], []
+    for name, sc in r["scenarios"].items():
+        d, b, a = sc["decision"], sc["accuracy_before"], sc["accuracy_after"]
+        source = f"{sc['approved']} corrections approved" if name == "corrections" else f"{sc['imported']} rows imported"
+        split = "/".join(str(sc["dataset_counts"][k]) for k in ("train", "val", "test"))
+        verdict = "promoted" if d["promoted"] else f"kept out ({d['summary']})" if d["promoted"] is False else sc["run"]["status"]
+        want = (f"rejected, <= {t['cycle_wall_s']} s" if name == "shuffled" else
+                f">= {t['accuracy_after']:.0%} after or +{t['or_gain_points'] * 100:.0f} points, <= {t['cycle_wall_s']} s")
+        met = ", ".join(f"{k} {'met' if v else 'missed'}" for k, v in sc["met"].items())
+        rows.append(f"| learning | {name}: {source}, cycle used train/val/test {split}; held-out {b['n']} strict "
+                    f"{b['strict']:.2f} -> {a['strict']:.2f} (lenient {b['lenient']:.2f} -> {a['lenient']:.2f}); cycle "
+                    f"{sc['cycle_wall_s']} s, {verdict}; {load(sc)} | {want} ({met}) |")
+    return rows
+
+
 # The order `all` runs them in: quick ones first.
 BENCHMARKS = {"dataset": dataset_rows, "ingest": ingest_rows, "training": training_rows, "evaluation": evaluation_rows,
-              "serving": serving_rows, "hotswap": hotswap_rows, "cycle": cycle_rows}
+              "serving": serving_rows, "hotswap": hotswap_rows, "cycle": cycle_rows, "learning": learning_rows}
 
 
 def main() -> None:

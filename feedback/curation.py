@@ -16,7 +16,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, delete, func, select
 
 from data_store.db import session
-from data_store.models import Example, Feedback, Message, SplitKey, TrainingRun, now
+from data_store.models import Example, Feedback, LabelSet, Message, SplitKey, TrainingRun, now
 from feedback.record import UNSET, check
 from retrain import dataset, importer
 from settings import Settings
@@ -144,9 +144,13 @@ def approve_in(s: Session, settings: Settings, fb: Feedback) -> Example:
     for row in splits.new_rows:
         s.add(SplitKey(**row))
     s.flush()
+    # An answer that is one of the imported labels makes a classification example: the gate then
+    # judges it by accuracy on the label set, not by how likely the label's tokens are.
+    label = chosen.strip() if chosen and s.get(LabelSet, chosen.strip()) is not None else None
     ex = Example(source="feedback", source_ref=f"feedback:{fb.id}", feedback_id=fb.id,
                  content_hash=dataset.content_hash(prompt, chosen, rejected, None, f"feedback:{fb.id}"),
-                 prompt=prompt, chosen=chosen, rejected=rejected, rating=1 if chosen else -1,
+                 kind="classification" if label else "chat", label=label,
+                 prompt=prompt, chosen=label or chosen, rejected=rejected, rating=1 if chosen else -1,
                  author=fb.author, prompt_key=key)
     fb.status = "approved"
     fb.updated_at = now()

@@ -21,7 +21,7 @@ from sqlmodel import func, select
 
 from data_store.db import session
 from data_store.models import Adapter, EvalResult, Example, TrainingRun, now
-from retrain import export, gate
+from retrain import dataset, evaluate, export, gate
 from retrain.dataset import Item
 from retrain.evaluate import Case, Likelihood, Scorer, summary
 from retrain.train import EVENT, TrainSpec
@@ -71,8 +71,13 @@ def to_prompt_completion(items: list[Item]) -> list[dict]:
     return [{"prompt": it.prompt, "completion": [{"role": "assistant", "content": it.chosen}]} for it in items if it.chosen]
 
 
-def cases(items: list[Item]) -> list[Case]:
-    labels = sorted({it.label for it in items if it.kind == "classification" and it.label})
+def label_set(built: export.Built) -> list[str]:
+    every = [it for items in built.splits.values() for it in items] + built.probes
+    return sorted({it.label for it in every if it.kind == "classification" and it.label})
+
+
+def cases(items: list[Item], labels: list[str]) -> list[Case]:
+    """Evaluation cases; a classification example is answered from the whole dataset's label set."""
     return [Case(it.prompt, it.chosen, labels if it.kind == "classification" else None) for it in items if it.chosen]
 
 
@@ -107,7 +112,8 @@ def _cycle(settings, engine, client, base_model, base_served, run_id, promote, f
                                      "or force one with `tuneloop retrain --now --force`", on_event)
     built = export.build(engine)  # refuses if a test prompt has a twin in train
     train_rows = to_prompt_completion(built.splits["train"])
-    test = cases(built.splits["test"])
+    labels = label_set(built)
+    test = cases(built.splits["test"], labels)
     if len(test) < settings.gate_min_test_examples:
         return _skip(engine, run_id, f"the test split has {len(test)} example(s); the gate needs "
                                      f"{settings.gate_min_test_examples} (TUNELOOP_GATE_MIN_TEST_EXAMPLES)", on_event)
@@ -140,12 +146,22 @@ def _cycle(settings, engine, client, base_model, base_served, run_id, promote, f
     act_scores = scorer.score(incumbent, incumbent_dir, test)
     act_answers = scorer.last_answers
     # The regression set: planted probes, plus seed data and liked answers held out in val.
-    regression = cases(built.probes + [it for it in built.splits["val"] if it.source == "import" or it.rating > 0 and not it.rejected])
-    reg_c = scorer.score(name, row.path, regression) if regression else None
-    reg_a = scorer.score(incumbent, incumbent_dir, regression) if regression else None
+    probe_cases = cases(built.probes, labels)
+    regression = probe_cases + cases([it for it in built.splits["val"] if it.source == "import" or it.rating > 0 and not it.rejected], labels)
+    reg_c = reg_a = None
+    probes: list[gate.Probe] = []
+    if regression:
+        reg_c = evaluate.by_kind(scorer.score(name, row.path, regression), regression, scorer.last_answers)
+        reg_c_answers = scorer.last_answers
+        reg_a = evaluate.by_kind(scorer.score(incumbent, incumbent_dir, regression), regression, scorer.last_answers)
+        reg_a_answers = scorer.last_answers
+        probes = [gate.Probe(f"probe {it.id} ({dataset.prompt_text(it.prompt)[:40]!r})", evaluate.match(case, reg_c_answers[i]),
+                             evaluate.match(case, reg_a_answers[i]), reg_c_answers[i], reg_a_answers[i])
+                  for i, (it, case) in enumerate(zip([p for p in built.probes if p.chosen], probe_cases))]
     cfg = gate.GateConfig(primary=settings.gate_primary_metric, min_examples=settings.gate_min_test_examples,
                           tolerance=settings.gate_tolerance)
-    decision = gate.decide(cand_scores, act_scores, cfg, reg_c, reg_a)
+    decision = gate.decide_by_kind(evaluate.by_kind(cand_scores, test, cand_answers), evaluate.by_kind(act_scores, test, act_answers),
+                                   cfg, reg_c, reg_a, probes)
     with session(engine) as s:
         for version, scores in ((name, cand_scores), (active, act_scores)):
             for metric, values in scores.items():
@@ -180,7 +196,10 @@ def _train(settings: Settings, base_model: str, workdir: Path, has_val: bool, en
                      preference_file=str(workdir / "preference.jsonl") if settings.train_preference_stage != "none" else None,
                      val_file=str(workdir / "val.jsonl") if has_val else None, out_dir=str(workdir / "out"),
                      method=settings.train_method, lora_r=settings.train_lora_r, lora_alpha=settings.train_lora_alpha,
-                     learning_rate=settings.train_learning_rate, epochs=settings.train_epochs, batch_size=settings.train_batch_size)
+                     lora_dropout=settings.train_lora_dropout, target_modules=settings.target_modules,
+                     learning_rate=settings.train_learning_rate, epochs=settings.train_epochs, batch_size=settings.train_batch_size,
+                     max_length=settings.train_max_length, seed=settings.train_seed, evals_per_epoch=settings.train_evals_per_epoch,
+                     early_stopping_patience=settings.train_early_stopping_patience)
     spec.dump(workdir / "spec.json")
     history: list[dict] = []
     proc = subprocess.Popen([sys.executable, "-m", "retrain.train", str(workdir / "spec.json")], cwd=str(Path(__file__).resolve().parents[1]),

@@ -2,9 +2,13 @@
 
 Pure functions over plain data; the database side lives in retrain/importer.py and retrain/export.py.
 
-Near-duplicates: two prompts are near-duplicates when the estimated Jaccard similarity of their
-word-bigram shingles (after lower-casing and dropping punctuation) is at least NEAR_DUP_THRESHOLD,
-estimated with a 64-permutation MinHash and found with LSH (8 bands of 8 rows).
+Near-duplicates are the same content, not the same template. A prompt's shingles are its word
+bigrams (after case-folding and dropping punctuation); the template is every shingle that at least
+TEMPLATE_SHARE of the prompts (and at least TEMPLATE_MIN_PROMPTS of them) share: the fixed
+instruction of templated data says nothing about which example it is. Two prompts are near-duplicates
+when the Jaccard similarity of what remains (their content shingles) is at least NEAR_DUP_THRESHOLD,
+estimated with a 64-permutation MinHash and found with LSH (8 bands of 8 rows). A prompt made of
+template shingles only is compared on all of its shingles.
 """
 
 from __future__ import annotations
@@ -12,13 +16,15 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections import defaultdict
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
 NEAR_DUP_THRESHOLD = 0.8
+TEMPLATE_SHARE = 0.05
+TEMPLATE_MIN_PROMPTS = 10
 NUM_PERM, BANDS, ROWS = 64, 8, 8
 SPLITS = ("train", "val", "test")
 
@@ -50,18 +56,36 @@ def shingles(text: str) -> set[str]:
     return {f"{a} {b}" for a, b in zip(words, words[1:])} or set(words) or {""}
 
 
+def template(texts: Iterable[str]) -> frozenset[str]:
+    """The shingles shared by at least TEMPLATE_SHARE of the distinct prompts (and at least
+    TEMPLATE_MIN_PROMPTS of them): what templated data repeats in every example."""
+    sets = [shingles(t) for t in set(texts)]
+    if len(sets) < TEMPLATE_MIN_PROMPTS:
+        return frozenset()
+    df = Counter(g for x in sets for g in x)
+    cut = max(TEMPLATE_MIN_PROMPTS, TEMPLATE_SHARE * len(sets))
+    return frozenset(g for g, n in df.items() if n >= cut)
+
+
+def content(text: str, tmpl: frozenset[str] = frozenset()) -> set[str]:
+    """The shingles that tell this prompt from the others; all of them if the template covers it."""
+    every = shingles(text)
+    return (every - tmpl) or every
+
+
 _PRIME = np.uint64((1 << 61) - 1)
 _rng = np.random.RandomState(1)
 _A = _rng.randint(1, 1 << 31, NUM_PERM).astype(np.uint64)[:, None]
 _B = _rng.randint(0, 1 << 31, NUM_PERM).astype(np.uint64)[:, None]
 
 
-def signatures(texts: Sequence[str], chunk: int = 4096) -> np.ndarray:
-    """MinHash signatures, one uint32 row per text: min over shingles of (a*h + b) mod p for 64
-    (a, b) pairs, vectorized over a chunk of texts at a time (about 20x datasketch's bulk here)."""
+def signatures(texts: Sequence[str], tmpl: frozenset[str] = frozenset(), chunk: int = 4096) -> np.ndarray:
+    """MinHash signatures of the content shingles, one uint32 row per text: min over shingles of
+    (a*h + b) mod p for 64 (a, b) pairs, vectorized over a chunk of texts at a time (about 20x
+    datasketch's bulk here)."""
     out = np.zeros((len(texts), NUM_PERM), dtype=np.uint32)
     for start in range(0, len(texts), chunk):
-        sets = [shingles(t) for t in texts[start:start + chunk]]
+        sets = [content(t, tmpl) for t in texts[start:start + chunk]]
         sizes = np.fromiter((len(x) for x in sets), dtype=np.int64, count=len(sets))
         # A stable 32-bit hash per shingle (Python's hash() is salted per process, so unusable here).
         h = np.fromiter((int.from_bytes(hashlib.blake2b(g.encode("utf-8", "surrogatepass"), digest_size=4).digest(), "little")
@@ -72,15 +96,11 @@ def signatures(texts: Sequence[str], chunk: int = 4096) -> np.ndarray:
     return out
 
 
-def split_of(key: str, ratios: Sequence[float]) -> str:
-    """Stable bucket from the key's hash: the same prompt lands in the same split on every machine."""
-    u = int(key[:12], 16) / float(1 << 48)
-    edge = 0.0
-    for name, r in zip(SPLITS, ratios):
-        edge += r
-        if u < edge:
-            return name
-    return SPLITS[-1]
+def next_split(counts: dict[str, int], ratios: Sequence[float]) -> str:
+    """The split furthest below its share once one more prompt is added: counts track the ratios
+    within one prompt, so N distinct prompts split 80/10/10 however small N is."""
+    total = sum(counts.values()) + 1
+    return max(SPLITS, key=lambda sp: (ratios[SPLITS.index(sp)] * total - counts.get(sp, 0), -SPLITS.index(sp)))
 
 
 _MIX = np.random.RandomState(2).randint(1, 1 << 62, ROWS, dtype=np.int64).astype(np.uint64) | np.uint64(1)
@@ -132,22 +152,42 @@ class NearDupIndex:
         return int(idx[best]) if sim[best] >= NEAR_DUP_THRESHOLD else None
 
 
+@dataclass
+class Assigned:
+    split: dict[str, str]  # new prompt key -> split
+    twin: dict[str, Any]  # new prompt key -> the key of the near-duplicate whose split it inherited
+
+
 def assign_splits(existing: Iterable[tuple[str, str, np.ndarray]], new: Sequence[tuple[str, np.ndarray]],
-                  ratios: Sequence[float]) -> dict[str, str]:
-    """Splits for new prompt keys. A near-duplicate of a known prompt inherits its split, so a test
-    prompt never has a twin in train; known keys never move (they are not in `new`)."""
+                  ratios: Sequence[float], counts: dict[str, int]) -> Assigned:
+    """Splits for new prompt keys (known keys never move; they are not in `new`).
+
+    A near-duplicate of a known or earlier new prompt inherits its split, so a test prompt never has
+    a twin in train. Every other prompt, taken in the order of its key's hash (a stable shuffle), goes
+    to the split furthest below its share of `counts` (prompts per split so far, updated here).
+    """
+    counts = dict(counts)
     index = NearDupIndex()
     old = list(existing)
     if old:
-        index.add_many(np.stack([sig for _, _, sig in old]), [split for _, split, _ in old])
-    out: dict[str, str] = {}
+        index.add_many(np.stack([sig for _, _, sig in old]), [key for key, _, _ in old])
+    split_of_key = {key: split for key, split, _ in old}
+    out = Assigned({}, {})
+    order = sorted(range(len(new)), key=lambda i: new[i][0])
     keys = band_keys(np.stack([sig for _, sig in new])) if new else []
-    for (key, sig), bands in zip(new, keys):
-        if key in out:
+    for i in order:
+        key, sig = new[i]
+        if key in out.split:
             continue
-        hit = index.match(sig, bands)
-        out[key] = index.tags[hit] if hit is not None else split_of(key, ratios)
-        index.add(sig, out[key], bands)
+        hit = index.match(sig, keys[i])
+        if hit is not None:
+            out.twin[key] = index.tags[hit]
+            out.split[key] = split_of_key[index.tags[hit]]
+        else:
+            out.split[key] = next_split(counts, ratios)
+        counts[out.split[key]] = counts.get(out.split[key], 0) + 1
+        split_of_key[key] = out.split[key]
+        index.add(sig, key, keys[i])
     return out
 
 

@@ -167,6 +167,25 @@ class Scorer:
         return out
 
 
+def by_kind(scores: dict[str, list[float]], cases: Sequence[Case], answers: Sequence[str]) -> dict[str, dict[str, list[float]]]:
+    """Score tables per kind of task, for the gate: chat (free text) and classification. NLL covers
+    every case; macro-F1 is a whole-set figure, kept as a one-element table."""
+    out: dict[str, dict[str, list[float]]] = {}
+    chat = [i for i, c in enumerate(cases) if not c.labels]
+    labelled = [i for i, c in enumerate(cases) if c.labels]
+    if chat:
+        out["chat"] = {"nll": [scores["nll"][i] for i in chat], **{m: scores[m] for m in ("exact_match", "token_f1", "chrf", "bleu") if m in scores}}
+    if labelled:
+        out["classification"] = {"nll": [scores["nll"][i] for i in labelled], "accuracy": scores["accuracy"],
+                                 "macro_f1": [macro_f1([answers[i].strip() for i in labelled], [cases[i].reference for i in labelled])]}
+    return out
+
+
+def match(case: Case, answer: str) -> float:
+    """How right one answer is: accuracy for a label, token F1 for free text (probes are judged one by one)."""
+    return float(answer.strip() == case.reference) if case.labels else token_f1(answer, case.reference)
+
+
 def summary(scores: dict[str, list[float]], cases: Sequence[Case], answers: Sequence[str]) -> dict[str, float]:
     out = {k: (sum(v) / len(v) if v else 0.0) for k, v in scores.items()}
     labelled = [i for i, c in enumerate(cases) if c.labels]

@@ -37,19 +37,23 @@ class Built:
     duplicates: dict[int, int] = field(default_factory=dict)  # dropped example id -> kept example id
     decontaminated: dict[int, int] = field(default_factory=dict)  # train/val id dropped -> its test twin
     probes: list[Item] = field(default_factory=list)  # regression probes: in no split, never trained on
+    template_bigrams: int = 0  # left out of the near-duplicate comparison (the dataset's shared instruction)
 
     def report(self) -> dict[str, Any]:
         return {"examples": {k: len(v) for k, v in self.splits.items()}, "near_duplicates_dropped": len(self.duplicates),
-                "decontaminated": len(self.decontaminated), "probes": len(self.probes)}
+                "decontaminated": len(self.decontaminated), "probes": len(self.probes), "template_bigrams": self.template_bigrams}
 
 
-def load(engine: Engine) -> tuple[list[Item], np.ndarray]:
+def load(engine: Engine) -> tuple[list[Item], np.ndarray, frozenset[str]]:
+    """Every example with its frozen split, and signatures computed afresh under the template of the
+    whole dataset as it is now (a stored signature used the template seen when it was assigned)."""
     with session(engine) as s:
-        rows = s.execute(select(Example, SplitKey.split, SplitKey.minhash).join(SplitKey, SplitKey.key == Example.prompt_key)
+        rows = s.execute(select(Example, SplitKey.split).join(SplitKey, SplitKey.key == Example.prompt_key)
                          .order_by(Example.id)).all()
-    items = [Item(e.id, e.prompt, e.chosen, e.rejected, e.rating, sp, e.source, e.feedback_id, e.label, e.kind) for e, sp, _ in rows]
-    sigs = np.stack([np.frombuffer(mh, dtype=np.uint32) for _, _, mh in rows]) if rows else np.zeros((0, dataset.NUM_PERM), np.uint32)
-    return items, sigs
+    items = [Item(e.id, e.prompt, e.chosen, e.rejected, e.rating, sp, e.source, e.feedback_id, e.label, e.kind) for e, sp in rows]
+    texts = [dataset.prompt_text(it.prompt) for it in items]
+    tmpl = dataset.template(t for t, it in zip(texts, items) if it.source != PROBE)
+    return items, dataset.signatures(texts, tmpl), tmpl
 
 
 def build(engine: Engine) -> Built:
@@ -60,8 +64,8 @@ def build(engine: Engine) -> Built:
     new prompt can be a near-duplicate of a train prompt and of a test prompt at once, and then no
     split is safe for it. The test set wins: such train/val items are left out and counted.
     """
-    items, sigs = load(engine)
-    built = Built(probes=[it for it in items if it.source == PROBE])
+    items, sigs, tmpl = load(engine)
+    built = Built(probes=[it for it in items if it.source == PROBE], template_bigrams=len(tmpl))
     keep = [i for i, it in enumerate(items) if it.source != PROBE]
     items, sigs = [items[i] for i in keep], sigs[keep]
     kept_sigs = {}

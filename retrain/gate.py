@@ -2,22 +2,34 @@
 
 Promote only if every check passes:
   1. the test set has at least `min_examples` examples;
-  2. the candidate beats the active version on the primary metric, and a paired bootstrap over
-     test examples puts the lower bound of the improvement above zero;
-  3. no other metric regresses by more than `tolerance` (relative to the active version's mean);
-  4. on the regression set (seed data and liked answers), the primary metric does not get worse
-     by more than `tolerance`, so the model does not forget what already worked.
+  2. for each kind of task in the test set, the candidate beats the active version on that kind's
+     primary metric, and a paired bootstrap over its test examples puts the lower bound of the
+     improvement above zero. Classification is judged by accuracy on the label set (a lower NLL
+     alone only says the answer format was learned); free text by `primary` (NLL by default);
+  3. no other metric of a kind regresses by more than `tolerance` (relative to the active
+     version's mean); for classification that is macro-F1;
+  4. on the regression set (seed data and liked answers), each kind's primary metric does not get
+     worse by more than `tolerance`, so the model does not forget what already worked;
+  5. planted probes one by one: a probe the active version answers right and the candidate turns
+     into something else blocks promotion, however well the rest of the regression set does.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 # Lower is better for these; higher is better for every other metric.
 LOWER_IS_BETTER = {"nll"}
+# The primary metric of a kind of task, where it does not follow the settings.
+KIND_PRIMARY = {"classification": "accuracy"}
+# Metrics a kind is not checked on: for classification the label's likelihood says nothing the
+# accuracy does not (and drops as soon as the answer format is learned).
+KIND_IGNORES = {"classification": {"nll"}}
+# A probe "turns" when its score (accuracy, or token F1 of a free answer) drops by at least this.
+PROBE_DROP = 0.5
 
 
 @dataclass(frozen=True)
@@ -74,39 +86,85 @@ def _regressed(metric: str, candidate: np.ndarray, active: np.ndarray, tolerance
     return drop > allowed, drop, allowed
 
 
+def primary_for(kind: str, cfg: GateConfig) -> str:
+    return KIND_PRIMARY.get(kind, cfg.primary)
+
+
+@dataclass
+class Probe:
+    """One planted probe's score (accuracy or token F1) and answer under both versions."""
+
+    ref: str
+    candidate: float
+    active: float
+    candidate_answer: str = ""
+    active_answer: str = ""
+
+
 def decide(candidate: Scores, active: Scores, cfg: GateConfig,
            regression_candidate: Optional[Scores] = None, regression_active: Optional[Scores] = None) -> Decision:
-    checks: list[Check] = []
-    n = len(candidate.get(cfg.primary, []))
-    if cfg.primary not in candidate or cfg.primary not in active:
-        return Decision(False, [Check("primary_metric", False, f"primary metric {cfg.primary!r} was not measured")])
-    if len(active[cfg.primary]) != n:
-        return Decision(False, [Check("aligned", False, f"score tables differ in length ({n} vs {len(active[cfg.primary])})")])
-    checks.append(Check("test_size", n >= cfg.min_examples, f"test set has {n} examples (minimum {cfg.min_examples})",
-                        {"examples": n, "minimum": cfg.min_examples}))
-    if n:
-        c, a = np.asarray(candidate[cfg.primary], float), np.asarray(active[cfg.primary], float)
-        diffs = gain(cfg.primary, c, a)
-        lower = bootstrap_lower(diffs, cfg.bootstrap, cfg.confidence, cfg.seed)
-        better = diffs.mean() > 0 and lower > 0
-        checks.append(Check("primary", bool(better),
-                            f"{cfg.primary}: candidate {c.mean():.4f} vs active {a.mean():.4f}, improvement "
-                            f"{diffs.mean():+.4f} ({cfg.confidence:.0%} lower bound {lower:+.4f})",
-                            {"metric": cfg.primary, "candidate": float(c.mean()), "active": float(a.mean()),
-                             "improvement": float(diffs.mean()), "lower_bound": lower}))
-        for metric in sorted(set(candidate) & set(active) - {cfg.primary}):
-            c, a = np.asarray(candidate[metric], float), np.asarray(active[metric], float)
+    """One kind of task, judged on `cfg.primary`."""
+    return decide_by_kind({"chat": candidate}, {"chat": active}, cfg,
+                          {"chat": regression_candidate} if regression_candidate else None,
+                          {"chat": regression_active} if regression_active else None)
+
+
+def decide_by_kind(candidate: dict[str, Scores], active: dict[str, Scores], cfg: GateConfig,
+                   regression_candidate: Optional[dict[str, Scores]] = None, regression_active: Optional[dict[str, Scores]] = None,
+                   probes: Sequence[Probe] = ()) -> Decision:
+    """Each kind of task (chat, classification) must pass on its own metrics; check names carry the
+    kind when the test set mixes kinds."""
+    kinds = sorted(k for k in candidate if candidate[k])
+    if not kinds:
+        return Decision(False, [Check("test_size", False, "the test set is empty", {"examples": 0, "minimum": cfg.min_examples})])
+    mixed = len(kinds) > 1
+    for kind in kinds:
+        metric = primary_for(kind, cfg)
+        if metric not in candidate[kind] or metric not in active.get(kind, {}):
+            return Decision(False, [Check("primary_metric", False, f"primary metric {metric!r} was not measured for {kind} examples")])
+        if len(active[kind][metric]) != len(candidate[kind][metric]):
+            return Decision(False, [Check("aligned", False, f"score tables differ in length ({len(candidate[kind][metric])} "
+                                                            f"vs {len(active[kind][metric])})")])
+    n = sum(len(candidate[k][primary_for(k, cfg)]) for k in kinds)
+    checks = [Check("test_size", n >= cfg.min_examples, f"test set has {n} examples (minimum {cfg.min_examples})",
+                    {"examples": n, "minimum": cfg.min_examples})]
+    for kind in kinds:
+        checks += judge(kind, candidate[kind], active[kind], cfg, f"{kind}:" if mixed else "")
+        rc, ra = (regression_candidate or {}).get(kind), (regression_active or {}).get(kind)
+        metric = primary_for(kind, cfg)
+        if rc and ra and rc.get(metric) and ra.get(metric):
+            c, a = np.asarray(rc[metric], float), np.asarray(ra[metric], float)
             worse, drop, allowed = _regressed(metric, c, a, cfg.tolerance)
-            checks.append(Check(f"no_regression:{metric}", not worse,
-                                f"{metric}: candidate {c.mean():.4f} vs active {a.mean():.4f}"
-                                + (f", regressed by {drop:.4f} (> {allowed:.4f} allowed)" if worse else ""),
-                                {"metric": metric, "candidate": float(c.mean()), "active": float(a.mean())}))
-    if regression_candidate and regression_active and regression_candidate.get(cfg.primary):
-        c = np.asarray(regression_candidate[cfg.primary], float)
-        a = np.asarray(regression_active[cfg.primary], float)
-        worse, drop, allowed = _regressed(cfg.primary, c, a, cfg.tolerance)
-        checks.append(Check("regression_set", not worse,
-                            f"regression set ({len(c)} examples) {cfg.primary}: candidate {c.mean():.4f} vs active {a.mean():.4f}"
-                            + (f", worse by {drop:.4f} (> {allowed:.4f} allowed)" if worse else ""),
-                            {"examples": len(c), "candidate": float(c.mean()), "active": float(a.mean())}))
+            checks.append(Check(f"{kind}:regression_set" if mixed else "regression_set", not worse,
+                                f"regression set ({len(c)} {kind} examples) {metric}: candidate {c.mean():.4f} vs active {a.mean():.4f}"
+                                + (f", worse by {drop:.4f} (> {allowed:.4f} allowed)" if worse else ""),
+                                {"kind": kind, "examples": len(c), "candidate": float(c.mean()), "active": float(a.mean())}))
+    if probes:
+        turned = [p for p in probes if p.active - p.candidate >= PROBE_DROP]
+        checks.append(Check("probes", not turned,
+                            f"{len(turned)} of {len(probes)} planted probe(s) turned"
+                            + "".join(f"; {p.ref}: {p.active_answer[:60]!r} -> {p.candidate_answer[:60]!r}" for p in turned[:5]),
+                            {"probes": len(probes), "turned": [asdict(p) for p in turned]}))
     return Decision(all(ch.passed for ch in checks), checks)
+
+
+def judge(kind: str, candidate: Scores, active: Scores, cfg: GateConfig, prefix: str = "") -> list[Check]:
+    """The primary check (improvement with a bootstrap bound) and the no-regression checks of one kind."""
+    metric = primary_for(kind, cfg)
+    c, a = np.asarray(candidate[metric], float), np.asarray(active[metric], float)
+    diffs = gain(metric, c, a)
+    lower = bootstrap_lower(diffs, cfg.bootstrap, cfg.confidence, cfg.seed) if len(diffs) else 0.0
+    better = len(diffs) > 0 and diffs.mean() > 0 and lower > 0
+    checks = [Check(f"{prefix}primary", bool(better),
+                    f"{prefix}{metric}: candidate {c.mean():.4f} vs active {a.mean():.4f}, improvement "
+                    f"{diffs.mean():+.4f} ({cfg.confidence:.0%} lower bound {lower:+.4f})",
+                    {"kind": kind, "metric": metric, "candidate": float(c.mean()), "active": float(a.mean()),
+                     "improvement": float(diffs.mean()), "lower_bound": lower})]
+    for other in sorted(set(candidate) & set(active) - {metric} - KIND_IGNORES.get(kind, set())):
+        c, a = np.asarray(candidate[other], float), np.asarray(active[other], float)
+        worse, drop, allowed = _regressed(other, c, a, cfg.tolerance)
+        checks.append(Check(f"{prefix}no_regression:{other}", not worse,
+                            f"{prefix}{other}: candidate {c.mean():.4f} vs active {a.mean():.4f}"
+                            + (f", regressed by {drop:.4f} (> {allowed:.4f} allowed)" if worse else ""),
+                            {"kind": kind, "metric": other, "candidate": float(c.mean()), "active": float(a.mean())}))
+    return checks

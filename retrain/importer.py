@@ -5,12 +5,13 @@ A file with any bad line imports nothing unless skip_invalid; re-importing a lin
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-from sqlalchemy import insert, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.engine import Engine
 
 from data_store.db import session
@@ -35,6 +36,10 @@ class ImportReport:
     dropped: dict[str, int] = field(default_factory=dict)
     splits: dict[str, int] = field(default_factory=dict)
     class_balance: dict[str, Any] = field(default_factory=dict)
+    # New examples whose prompt is a near-duplicate of another (they share its split; a dataset build
+    # keeps one of each group), with the rule and a few of the pairs, so a user sees why a file shrank.
+    near_duplicates: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 def read_lines(path: Path) -> list[bytes]:
@@ -104,7 +109,30 @@ def import_file(engine: Engine, settings: Settings, path: Path, skip_invalid: bo
     report.added = len(unique)
     for h in unique:
         report.splits[splits.of[keys[h]]] = report.splits.get(splits.of[keys[h]], 0) + 1
+    report.near_duplicates = near_duplicate_report(unique, keys, splits)
+    collapsed = report.near_duplicates["grouped"] + report.duplicates_in_file
+    if report.lines and collapsed > report.lines / 4:
+        report.warnings.append(
+            f"{collapsed} of {report.lines} lines ({collapsed / report.lines:.0%}) collapse into other examples "
+            f"({report.duplicates_in_file} exact copies, {report.near_duplicates['grouped']} near-duplicates); "
+            "training keeps one example of each group. Check near_duplicates.pairs: if they are different examples, the file "
+            "may repeat too little of a template for it to be recognized.")
     return report
+
+
+def near_duplicate_report(unique: dict[str, records.Record], keys: dict[str, str], splits: "Splits") -> dict[str, Any]:
+    """How many new examples a dataset build will fold into another, and why."""
+    by_key = Counter(keys[h] for h in unique)
+    new = {row["key"] for row in splits.new_rows}
+    # One prompt with several answers, or a prompt already stored: a build keeps one example of it.
+    same_prompt = sum(n - 1 if k in new else n for k, n in by_key.items())
+    near = sum(by_key[k] for k in splits.twins if k in by_key)
+    ref = {keys[h]: r.source_ref for h, r in unique.items()}
+    return {"grouped": same_prompt + near, "same_prompt": same_prompt, "near_duplicate": near,
+            "rule": (f"content word-bigram Jaccard >= {dataset.NEAR_DUP_THRESHOLD}, leaving out the {splits.template} "
+                     f"template bigram(s) that >= {dataset.TEMPLATE_SHARE:.0%} of prompts share"),
+            "template_bigrams": splits.template,
+            "pairs": [f"{ref[k]} ~ {ref.get(twin, 'a stored prompt')}" for k, twin in list(splits.twins.items())[:10]]}
 
 
 def _existing_hashes(s, hashes: list[str]) -> set[str]:
@@ -114,25 +142,50 @@ def _existing_hashes(s, hashes: list[str]) -> set[str]:
     return found
 
 
+# Recent prompts that estimate the template, and that one approval is compared with: enough to
+# see a template, few enough that an approval stays fast with 100,000 examples stored.
+WINDOW = 5000
+
+
 @dataclass
 class Splits:
     of: dict[str, str]  # prompt key -> split, for every key asked about
     new_rows: list[dict[str, Any]]  # SplitKey rows to insert
+    twins: dict[str, str] = field(default_factory=dict)  # new key -> the key whose split it inherited
+    template: int = 0  # template bigrams left out of the comparison
 
 
 def assign(engine: Engine, settings: Settings, prompts: dict[str, list[dict[str, str]]]) -> Splits:
     with session(engine) as s:
-        return assign_in(s, settings, prompts)
+        return assign_in(s, settings, prompts, every_known=True)
 
 
-def assign_in(s, settings: Settings, prompts: dict[str, list[dict[str, str]]]) -> Splits:
-    """Known keys keep their split; new ones get one (inherited from a near-duplicate, else hashed)."""
-    known = {k: (sp, mh) for k, sp, mh in s.execute(select(SplitKey.key, SplitKey.split, SplitKey.minhash)).all()}
+def assign_in(s, settings: Settings, prompts: dict[str, list[dict[str, str]]], every_known: bool = False) -> Splits:
+    """Known keys keep their split; new ones get one (inherited from a near-duplicate, else the
+    split furthest below its share). A bulk import compares new prompts with every stored one; one
+    approval with the WINDOW most recent (a dataset build still catches any older twin)."""
+    if every_known:
+        stored = s.execute(select(SplitKey.key, SplitKey.split, SplitKey.minhash)).all()
+        known = {k: sp for k, sp, _ in stored}
+    else:
+        known = {}
+        asked = list(prompts)
+        for i in range(0, len(asked), 500):
+            known.update(s.execute(select(SplitKey.key, SplitKey.split).where(SplitKey.key.in_(asked[i:i + 500]))).all())
     new_keys = [k for k in prompts if k not in known]
-    sigs = dataset.signatures([dataset.prompt_text(prompts[k]) for k in new_keys])
-    existing = ((k, sp, np.frombuffer(mh, dtype=np.uint32)) for k, (sp, mh) in known.items())
-    fresh = dataset.assign_splits(existing, list(zip(new_keys, sigs)), settings.split_ratios)
+    if not new_keys:
+        return Splits({k: known[k] for k in prompts}, [])
+    if not every_known:
+        stored = s.execute(select(SplitKey.key, SplitKey.split, SplitKey.minhash)
+                           .order_by(SplitKey.created_at.desc()).limit(WINDOW)).all()
+    recent = s.execute(select(Example.prompt).order_by(Example.id.desc()).limit(WINDOW)).scalars().all()
+    texts = [dataset.prompt_text(prompts[k]) for k in new_keys]
+    tmpl = dataset.template([*map(dataset.prompt_text, recent), *texts])
+    sigs = dataset.signatures(texts, tmpl)
+    counts = dict(s.execute(select(SplitKey.split, func.count()).group_by(SplitKey.split)).all())
+    existing = ((k, sp, np.frombuffer(mh, dtype=np.uint32)) for k, sp, mh in stored)
+    fresh = dataset.assign_splits(existing, list(zip(new_keys, sigs)), settings.split_ratios, counts)
     stamp = now()
-    rows = [{"key": k, "split": fresh[k], "minhash": sig.tobytes(), "created_at": stamp} for k, sig in zip(new_keys, sigs)]
-    of = {k: known[k][0] if k in known else fresh[k] for k in prompts}
-    return Splits(of, rows)
+    rows = [{"key": k, "split": fresh.split[k], "minhash": sig.tobytes(), "created_at": stamp} for k, sig in zip(new_keys, sigs)]
+    of = {k: known[k] if k in known else fresh.split[k] for k in prompts}
+    return Splits(of, rows, fresh.twin, len(tmpl))

@@ -27,11 +27,12 @@ class TrainSpec:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     learning_rate: float = 2e-4
     epochs: float = 3
     batch_size: int = 8
     max_length: int = 512
+    evals_per_epoch: int = 4
     early_stopping_patience: int = 2
     seed: int = 0
     preference: str = "none"  # none | dpo | kto: a second stage on preference data
@@ -56,6 +57,10 @@ def sft_config(spec: TrainSpec, gpu: bool, has_val: bool, steps_per_epoch: int, 
     """tuneloop's training configuration (bench/training.py measures it against TRL's defaults)."""
     from trl import SFTConfig
 
+    # Validation loss a few times per epoch, so that early stopping (patience counted in
+    # evaluations) can end a run that stopped improving, and the best checkpoint is kept.
+    every = max(1, -(-steps_per_epoch // spec.evals_per_epoch))
+
     return SFTConfig(**{**dict(
         output_dir=str(Path(spec.out_dir) / "checkpoints"), num_train_epochs=spec.epochs, per_device_train_batch_size=spec.batch_size,
         per_device_eval_batch_size=spec.batch_size, learning_rate=spec.learning_rate, lr_scheduler_type="constant_with_warmup",
@@ -63,7 +68,7 @@ def sft_config(spec: TrainSpec, gpu: bool, has_val: bool, steps_per_epoch: int, 
         # TRL defaults to bf16 and gradient checkpointing even on CPU, where bf16 is 50-100x slower
         # and checkpointing only re-computes; a 135M model fits without it.
         bf16=gpu, gradient_checkpointing=False, use_cpu=not gpu,
-        eval_strategy="epoch" if has_val else "no", save_strategy="epoch" if has_val else "no",
+        eval_strategy="steps" if has_val else "no", save_strategy="steps" if has_val else "no", eval_steps=every, save_steps=every,
         load_best_model_at_end=has_val, metric_for_best_model="eval_loss", greater_is_better=False,
         save_total_limit=2, logging_steps=1, report_to=[], dataloader_num_workers=0,
         disable_tqdm=True,  # progress is reported as events; a bar would garble the log

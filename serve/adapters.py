@@ -225,8 +225,12 @@ def active(engine: Engine) -> Optional[str]:
 # ---- promotion against vLLM ----
 
 def ensure_loaded(client: VLLMClient, row: Adapter) -> None:
-    if any(m["id"] == row.name for m in client.models()):
-        return
+    for m in client.models():
+        if m["id"] == row.name:
+            if m.get("root") not in (None, row.path):  # another store's version under this name: never score that one
+                raise AdapterError(f"vLLM already serves {row.name!r} from {m['root']}, not {row.path}; "
+                                   "two stores share this vLLM server and reuse version names: give each its own server")
+            return
     client.load_adapter(row.name, row.path)
 
 

@@ -121,7 +121,40 @@ def test_split_is_stable_and_frozen(engine, settings, tmp_path):
     with session(engine) as s:
         after = dict(s.exec(select(SplitKey.key, SplitKey.split)).all())
     assert {k: after[k] for k in before} == before  # old examples never move
-    assert all(dataset.split_of(k, settings.split_ratios) == v for k, v in after.items())  # the stable hash decides
+    shares = {sp: list(after.values()).count(sp) / len(after) for sp in dataset.SPLITS}
+    assert all(abs(shares[sp] - r) <= 0.03 for sp, r in zip(dataset.SPLITS, settings.split_ratios)), shares
+
+
+def templated(words: list[str], labels=("noun", "verb", "adjective", "adverb")) -> list[str]:
+    return [json.dumps({"text": f"What part of speech is the English word '{w}'? Answer with one word: noun, verb, adjective or adverb.",
+                        "label": labels[i % len(labels)]}) for i, w in enumerate(words)]
+
+
+def test_templated_data_keeps_every_example_and_splits_80_10_10(engine, settings, tmp_path):
+    """One instruction, one word that varies: each row is its own example, not a twin of the first."""
+    words = [f"{a}{b}{c}" for a in "bcdfg" for b in "aeiou" for c in "lmnprst"][:170]
+    report = importer.import_file(engine, settings, write(tmp_path / "pos.jsonl", templated(words)))
+    assert report.added == 170 and report.near_duplicates["grouped"] == 0 and not report.warnings
+    assert report.near_duplicates["template_bigrams"] >= 10  # the shared instruction was recognized
+    for sp, r in zip(dataset.SPLITS, settings.split_ratios):
+        assert abs(report.splits[sp] / 170 - r) <= 0.03, report.splits
+    built = export.build(engine)
+    assert {k: len(v) for k, v in built.splits.items()} == report.splits  # nothing collapsed, nothing decontaminated
+    assert not built.duplicates and not built.decontaminated
+
+
+def test_paraphrases_still_group_among_templated_data(engine, settings, tmp_path):
+    words = [f"{a}{b}{c}" for a in "bcdfg" for b in "aeiou" for c in "lmnprst"][:60]
+    importer.import_file(engine, settings, write(tmp_path / "pos.jsonl", templated(words)))
+    base = "Please explain in simple words how photosynthesis works in green plants and algae today"
+    lines = [json.dumps({"prompt": t, "completion": f"v{i}"}) for i, t in enumerate([base, base + " please", base + " thanks"])]
+    copies = [templated(words[:1])[0], templated(words[1:2])[0].replace("What part", "what PART")]  # re-sent rows
+    report = importer.import_file(engine, settings, write(tmp_path / "t.jsonl", lines + copies))
+    assert report.already_present == 1  # the exact copy adds nothing
+    assert report.near_duplicates["grouped"] == 3, report.near_duplicates  # two paraphrases + a re-cased stored prompt
+    assert report.warnings and "collapse" in report.warnings[0]  # 3 of 5 lines: more than a quarter
+    built = export.build(engine)
+    assert len(built.duplicates) == 3 and len(built.splits["train"]) + len(built.splits["val"]) + len(built.splits["test"]) == 61
 
 
 def test_near_duplicates_share_split_and_collapse_to_best_rated(engine, settings, tmp_path):
