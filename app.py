@@ -216,6 +216,17 @@ def data_import(file: Path,
     typer.echo(json.dumps({k: v for k, v in vars(report).items() if k != "invalid"} | {"invalid": len(report.invalid)}, indent=1))
 
 
+@data_cli.command("resplit")
+def data_resplit(dry_run: bool = typer.Option(False, "--dry-run", help="Show what would move; change nothing.")) -> None:
+    """Re-assign splits that the old near-duplicate rule gave templated data; a test prompt never moves into train."""
+    import json
+
+    from retrain import resplit
+
+    settings = load_settings()
+    typer.echo(json.dumps(resplit.resplit(open_store(settings), settings.split_ratios, apply=not dry_run), indent=1))
+
+
 @data_cli.command("export")
 def data_export(format: str = typer.Option("sft", help="sft (messages), dpo (prompt/chosen/rejected) or kto (prompt/completion/label)."),
                 split: str = typer.Option("train", help="train, val or test."),

@@ -49,6 +49,40 @@ def make_file(path: Path, n: int, seed: int = 0) -> None:
             prev = line
 
 
+def curator_times(engine, settings, n: int = 20) -> dict:
+    """With the store full: approve one feedback item, open the queue, open one item; n times each, median and worst."""
+    from data_store.db import session
+    from data_store.models import Conversation, Feedback, Message
+    from feedback import curation
+
+    fids = []
+    with session(engine) as s:
+        for i in range(n):
+            c = Conversation(source="api", author=f"user{i}")
+            s.add(c)
+            s.flush()
+            s.add(Message(conversation_id=c.id, position=0, role="user", content=f"What is the boiling point of liquid number {i} at sea level?"))
+            m = Message(conversation_id=c.id, position=1, role="assistant", content="I do not know.")
+            s.add(m)
+            s.flush()
+            fb = Feedback(message_id=m.id, rating="down", correction=f"About {100 + i} degrees Celsius.", author=f"user{i}")
+            s.add(fb)
+            s.flush()
+            fids.append(fb.id)
+    times: dict[str, list[float]] = {"approve": [], "queue": [], "item": []}
+    for fid in fids:
+        t = time.perf_counter()
+        curation.approve(engine, settings, fid)
+        times["approve"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        curation.queue(engine, curation.Filters(status="approved"))
+        times["queue"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        curation.item(engine, fid)
+        times["item"].append(time.perf_counter() - t)
+    return {k: {"median_s": round(sorted(v)[len(v) // 2], 4), "max_s": round(max(v), 4)} for k, v in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=100_000)
@@ -74,11 +108,13 @@ def main() -> None:
         t2 = time.perf_counter()
         again = importer.import_file(engine, settings, seed)
         t3 = time.perf_counter()
+        curator = curator_times(engine, settings)
     result = {
         "benchmark": "dataset", "lines": lines, "imported": report.added, "exact_duplicates": report.duplicates_in_file,
         "reimport_added": again.added, "splits": report.splits, "dataset": built.report(),
         "import_s": round(t1 - t0, 2), "dedupe_split_build_s": round(t2 - t1, 2), "total_s": round(t2 - t0, 2),
         "reimport_s": round(t3 - t2, 2), "target_total_s": 60,
+        "curator": curator, "target_curator_s": 1.0,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "cpus": os.cpu_count(),
     }

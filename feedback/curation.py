@@ -92,6 +92,17 @@ def queue(engine: Engine, f: Filters, limit: int = 200) -> list[QueueItem]:
                           fb.correction, fb.comment, fb.updated_at) for fb, m in pairs]
 
 
+def item(engine: Engine, feedback_id: int) -> QueueItem:
+    """One feedback item in its conversation (what the queue shows when a curator opens it)."""
+    with session(engine) as s:
+        found = s.exec(select(Feedback, Message).join(Message, Message.id == Feedback.message_id).where(Feedback.id == feedback_id)).first()
+        if found is None:
+            raise CurationError(f"feedback {feedback_id} does not exist", 404)
+        fb, m = found
+        return QueueItem(fb.id, m.id, fb.status, fb.rating, fb.author, m.adapter, _context(s, m), m.content,
+                         fb.correction, fb.comment, fb.updated_at)
+
+
 def counts(engine: Engine) -> dict[str, int]:
     with session(engine) as s:
         found = dict(s.exec(select(Feedback.status, func.count()).group_by(Feedback.status)).all())

@@ -65,10 +65,10 @@ def build(services: Services) -> gr.Blocks:
     def show(fid: Optional[float]):
         if not fid:
             return "", "", "", ""
-        found = [i for i in curation.queue(engine, curation.Filters(status=None), limit=100000) if i.feedback_id == int(fid)]
-        if not found:
-            raise gr.Error(f"feedback {int(fid)} does not exist")
-        i = found[0]
+        try:
+            i = curation.item(engine, int(fid))
+        except curation.CurationError as e:
+            raise gr.Error(str(e))
         convo = "\n\n".join(f"[{m['role']}] {m['content']}" for m in i.context)
         return convo, i.answer, i.correction or "", f"{i.rating or 'no rating'} · {i.author} · {i.status} · comment: {i.comment or '-'}"
 

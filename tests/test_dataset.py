@@ -205,3 +205,27 @@ def test_export_formats_and_manifest(engine, settings, tmp_path):
     assert on_disk["sha256"] == hashlib.sha256((tmp_path / "out.jsonl").read_bytes()).hexdigest()
     with pytest.raises(ValueError, match="format 'xml'"):
         export.export(engine, "xml", "train", tmp_path / "x.jsonl")
+
+
+def test_resplit_repairs_old_splits_and_never_moves_test_into_train(engine, settings, tmp_path):
+    """A database from the old rule: one templated file collapsed into test (as the issue saw: 406/3/11)."""
+    from retrain import resplit
+
+    words = [f"{a}{b}{c}" for a in "bcdfg" for b in "aeiou" for c in "lmnprst"][:100]
+    importer.import_file(engine, settings, write(tmp_path / "pos.jsonl", templated(words)))
+    with session(engine) as s:
+        keys = sorted(s.exec(select(SplitKey.key)).all())
+        old = {k: "train" if i < 10 else "val" if i < 13 else "test" for i, k in enumerate(keys)}
+        for k, sp in old.items():
+            s.get(SplitKey, k).split = sp
+    dry = resplit.resplit(engine, settings.split_ratios, apply=False)
+    with session(engine) as s:
+        assert dict(s.exec(select(SplitKey.key, SplitKey.split)).all()) == old  # a dry run changes nothing
+    report = resplit.resplit(engine, settings.split_ratios)
+    assert report["moved"] == dry["moved"] and report["before"] == {"train": 10, "val": 3, "test": 87}
+    with session(engine) as s:
+        new = dict(s.exec(select(SplitKey.key, SplitKey.split)).all())
+    assert not [k for k in keys if old[k] == "test" and new[k] == "train"]  # never
+    assert report["kept_in_test"] > 0 and sum(report["after"].values()) == 100
+    assert resplit.resplit(engine, settings.split_ratios)["moved"] == {}  # a second run has nothing left to do
+    export.build(engine)  # and the leak check still holds
