@@ -216,6 +216,21 @@ def data_import(file: Path,
     typer.echo(json.dumps({k: v for k, v in vars(report).items() if k != "invalid"} | {"invalid": len(report.invalid)}, indent=1))
 
 
+@data_cli.command("labels")
+def data_labels(add: Optional[str] = typer.Option(None, "--add", help="Comma-separated labels to declare.")) -> None:
+    """List the classification labels, or declare some: approved answers that are a label become classification examples."""
+    from retrain import importer
+
+    settings = load_settings()
+    engine = open_store(settings)
+    if add:
+        try:
+            importer.declare_labels(engine, [x.strip() for x in add.split(",") if x.strip()])
+        except ValueError as e:
+            fail(str(e))
+    typer.echo(", ".join(sorted(importer.known_labels(engine) or [])) or "no labels declared")
+
+
 @data_cli.command("resplit")
 def data_resplit(dry_run: bool = typer.Option(False, "--dry-run", help="Show what would move; change nothing.")) -> None:
     """Re-assign splits that the old near-duplicate rule gave templated data; a test prompt never moves into train."""

@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     train_preference_stage: Literal["none", "dpo", "kto"] = Field(
         "none", description="Optional second stage on the same adapter: DPO on correction pairs, or KTO on thumbs.")
     retrain_min_new_examples: int = Field(10, ge=0, description="A cycle is skipped (with the reason recorded) when fewer new examples were approved since the last one.")
-    gate_primary_metric: Literal["nll", "chrf", "token_f1", "exact_match", "bleu", "accuracy"] = Field(
+    gate_primary_metric: Literal["nll", "chrf", "token_f1", "exact_match", "bleu"] = Field(
         "nll", description="The metric free-text examples must improve on (nll: lower is better); classification examples are judged by accuracy.")
     gate_min_test_examples: int = Field(20, ge=1, description="Fewest test examples the gate accepts.")
     gate_tolerance: float = Field(0.01, ge=0, description="Largest regression tolerated on secondary metrics.")

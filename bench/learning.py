@@ -5,7 +5,8 @@ The task is part of speech of unambiguous English words from WordNet 3.0 (bench/
 (105 per label) and 180 held-out rows (45 per label) whose words never appear in train. Each scenario runs in
 its own fresh TUNELOOP_DATA_DIR with its own `tuneloop serve`, through the CLI and the HTTP API only, as a user would:
   import       `tuneloop data import` the train rows, score held-out, `tuneloop retrain --now --force`, score again;
-  corrections  no import: ask each train prompt in chat, thumbs down with the label as the correction from
+  corrections  no import: declare the four labels (`tuneloop data labels --add`), ask each train prompt in chat,
+               thumbs down with the label as the correction from
                20 users, bulk-approve the queue, then the same cycle and scoring;
   shuffled     like import, with the train labels permuted: the gate must keep the candidate out.
 Held-out answers (temperature 0, 8 tokens) are correct when, stripped, case-folded and without punctuation,
@@ -247,7 +248,12 @@ def scenario(name: str) -> dict:
                "TUNELOOP_PORT": str(free_port()), "TUNELOOP_VLLM_PORT": str(free_port()), **extra}
         result = {"scenario": name, "train_rows": len(train), "heldout_rows": len(heldout), "env": extra,
                   "labels_shuffled": name == "shuffled"}
-        if name != "corrections":
+        if name == "corrections":
+            # A classification task's owner declares its labels, so corrections that are a label are judged by accuracy.
+            declared = subprocess.run([CLI, "data", "labels", "--add", ",".join(pos_data.FILES)], env=env, cwd=tmp,
+                                      capture_output=True, text=True, check=True)
+            result["labels_declared"] = declared.stdout.strip()
+        else:
             report = import_rows(env, tmp, train)
             result.update(import_report=report, imported=report.get("added"), split_counts_import=report.get("splits"))
         with serving(env, tmp) as url:

@@ -104,8 +104,9 @@ class EvalResult(SQLModel, table=True):
 
 
 class SplitKey(SQLModel, table=True):
-    """Every prompt ever seen, with its frozen split. Never updated or deleted: an example's split
-    cannot move, even when the example itself is withdrawn and comes back."""
+    """Every prompt ever seen, with its frozen split. Never deleted, and updated only by the explicit
+    `tuneloop data resplit` (retrain/resplit.py, which never moves a scored test prompt into train):
+    an example's split does not move, even when the example itself is withdrawn and comes back."""
 
     key: str = Field(primary_key=True, max_length=40)  # hash of the normalized prompt
     split: str = Field(max_length=8)  # train | val | test

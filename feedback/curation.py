@@ -151,13 +151,13 @@ def approve_in(s: Session, settings: Settings, fb: Feedback) -> Example:
     s.exec(delete(Example).where(Example.feedback_id == fb.id))  # re-approval replaces the old example
     prompt = _context(s, msg)
     key = dataset.prompt_key(prompt)
-    splits = importer.assign_in(s, settings, {key: prompt})
+    splits = importer.assign_in(s, settings, {key: prompt}, {key: chosen or rejected})
     for row in splits.new_rows:
         s.add(SplitKey(**row))
     s.flush()
     # An answer that is one of the imported labels makes a classification example: the gate then
     # judges it by accuracy on the label set, not by how likely the label's tokens are.
-    label = chosen.strip() if chosen and s.get(LabelSet, chosen.strip()) is not None else None
+    label = known_label(s, chosen)
     ex = Example(source="feedback", source_ref=f"feedback:{fb.id}", feedback_id=fb.id,
                  content_hash=dataset.content_hash(prompt, chosen, rejected, None, f"feedback:{fb.id}"),
                  kind="classification" if label else "chat", label=label,
@@ -169,6 +169,14 @@ def approve_in(s: Session, settings: Settings, fb: Feedback) -> Example:
     s.add(ex)
     s.flush()
     return ex
+
+
+def known_label(s: Session, answer: Optional[str]) -> Optional[str]:
+    """The declared label this answer is (ignoring case, spaces and punctuation), if any."""
+    if not answer or len(answer) > 200:
+        return None
+    labels = {dataset.key_text(lab): lab for lab in s.exec(select(LabelSet.label)).all()}
+    return labels.get(dataset.key_text(answer))
 
 
 def reject(engine: Engine, feedback_id: int) -> None:

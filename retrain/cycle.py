@@ -127,7 +127,8 @@ def _cycle(settings, engine, client, base_model, base_served, run_id, promote, f
     (workdir / "val.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in val_rows))
     active = adapters.active(engine)
     used = {**built.report(), "train_rows": len(train_rows), "val_rows": len(val_rows), "test_examples": len(test),
-            "new_approved": new, "train_example_ids": [it.id for it in built.splits["train"]], "active_before": active}
+            "new_approved": new, "train_example_ids": [it.id for it in built.splits["train"]],
+            "test_example_ids": [it.id for it in built.splits["test"]], "active_before": active}
     update(engine, run_id, dataset=used)
     on_event({"status": "training", "train_rows": len(train_rows)})
 

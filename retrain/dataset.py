@@ -4,8 +4,9 @@ Pure functions over plain data; the database side lives in retrain/importer.py a
 
 Near-duplicates are the same content, not the same template. A prompt's shingles are its word
 bigrams (after case-folding and dropping punctuation); the template is every shingle that at least
-TEMPLATE_SHARE of the prompts (and at least TEMPLATE_MIN_PROMPTS of them) share: the fixed
-instruction of templated data says nothing about which example it is. Two prompts are near-duplicates
+TEMPLATE_SHARE of the distinct prompts (and at least TEMPLATE_MIN_PROMPTS of them) share, unless
+nearly all of those prompts want one answer: the fixed instruction of templated data says nothing
+about which example it is. Two prompts are near-duplicates
 when the Jaccard similarity of what remains (their content shingles) is at least NEAR_DUP_THRESHOLD,
 estimated with a 64-permutation MinHash and found with LSH (8 bands of 8 rows). A prompt made of
 template shingles only is compared on all of its shingles.
@@ -23,8 +24,9 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 
 NEAR_DUP_THRESHOLD = 0.8
-TEMPLATE_SHARE = 0.05
+TEMPLATE_SHARE = 0.002  # of 100,000 prompts: 200, so a file of a few hundred templated rows is seen among them
 TEMPLATE_MIN_PROMPTS = 10
+TEMPLATE_ONE_ANSWER = 0.9  # prompts sharing a shingle that (nearly) all want one answer are one question
 NUM_PERM, BANDS, ROWS = 64, 8, 8
 SPLITS = ("train", "val", "test")
 
@@ -56,15 +58,27 @@ def shingles(text: str) -> set[str]:
     return {f"{a} {b}" for a, b in zip(words, words[1:])} or set(words) or {""}
 
 
-def template(texts: Iterable[str]) -> frozenset[str]:
-    """The shingles shared by at least TEMPLATE_SHARE of the distinct prompts (and at least
-    TEMPLATE_MIN_PROMPTS of them): what templated data repeats in every example."""
-    sets = [shingles(t) for t in set(texts)]
-    if len(sets) < TEMPLATE_MIN_PROMPTS:
+def template(examples: Iterable[tuple[str, Optional[str]]]) -> frozenset[str]:
+    """The shingles that templated data repeats in every example, from (prompt text, answer) pairs.
+
+    A shingle is template when at least TEMPLATE_SHARE of the distinct prompts (and at least
+    TEMPLATE_MIN_PROMPTS of them) contain it, and those prompts do not all want the same answer: one
+    question asked in many wordings has one answer (then its wordings stay near-duplicates), while a
+    template's rows have many (the label, the extracted record).
+    """
+    rows: dict[str, tuple[set[str], str]] = {}
+    for text, answer in examples:
+        rows.setdefault(key_text(text), (shingles(text), key_text(answer or "")))
+    if len(rows) < TEMPLATE_MIN_PROMPTS:
         return frozenset()
-    df = Counter(g for x in sets for g in x)
-    cut = max(TEMPLATE_MIN_PROMPTS, TEMPLATE_SHARE * len(sets))
-    return frozenset(g for g, n in df.items() if n >= cut)
+    df = Counter(g for sh, _ in rows.values() for g in sh)
+    cut = max(TEMPLATE_MIN_PROMPTS, TEMPLATE_SHARE * len(rows))
+    frequent = {g for g, n in df.items() if n >= cut}
+    answers: dict[str, Counter] = {g: Counter() for g in frequent}
+    for sh, answer in rows.values():
+        for g in sh & frequent:
+            answers[g][answer] += 1
+    return frozenset(g for g in frequent if answers[g].most_common(1)[0][1] <= TEMPLATE_ONE_ANSWER * df[g])
 
 
 def content(text: str, tmpl: frozenset[str] = frozenset()) -> set[str]:

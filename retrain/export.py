@@ -52,7 +52,7 @@ def load(engine: Engine) -> tuple[list[Item], np.ndarray, frozenset[str]]:
                          .order_by(Example.id)).all()
     items = [Item(e.id, e.prompt, e.chosen, e.rejected, e.rating, sp, e.source, e.feedback_id, e.label, e.kind) for e, sp in rows]
     texts = [dataset.prompt_text(it.prompt) for it in items]
-    tmpl = dataset.template(t for t, it in zip(texts, items) if it.source != PROBE)
+    tmpl = dataset.template((t, it.chosen or it.rejected) for t, it in zip(texts, items) if it.source != PROBE)
     return items, dataset.signatures(texts, tmpl), tmpl
 
 

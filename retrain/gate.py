@@ -5,7 +5,9 @@ Promote only if every check passes:
   2. for each kind of task in the test set, the candidate beats the active version on that kind's
      primary metric, and a paired bootstrap over its test examples puts the lower bound of the
      improvement above zero. Classification is judged by accuracy on the label set (a lower NLL
-     alone only says the answer format was learned); free text by `primary` (NLL by default);
+     alone only says the answer format was learned); free text by `primary` (NLL by default). A
+     kind with fewer than `min_examples` test examples (unless it is the largest) cannot show a
+     significant gain, so it must only not get worse;
   3. no other metric of a kind regresses by more than `tolerance` (relative to the active
      version's mean); for classification that is macro-F1;
   4. on the regression set (seed data and liked answers), each kind's primary metric does not get
@@ -28,8 +30,9 @@ KIND_PRIMARY = {"classification": "accuracy"}
 # Metrics a kind is not checked on: for classification the label's likelihood says nothing the
 # accuracy does not (and drops as soon as the answer format is learned).
 KIND_IGNORES = {"classification": {"nll"}}
-# A probe "turns" when its score (accuracy, or token F1 of a free answer) drops by at least this.
-PROBE_DROP = 0.5
+# A probe "turns" when its score (accuracy, or token F1 of a free answer) falls below this share of the
+# serving version's: relative, so a short reference ("Lima.") inside a longer right answer still counts.
+PROBE_KEEP = 0.5
 
 
 @dataclass(frozen=True)
@@ -128,19 +131,24 @@ def decide_by_kind(candidate: dict[str, Scores], active: dict[str, Scores], cfg:
     n = sum(len(candidate[k][primary_for(k, cfg)]) for k in kinds)
     checks = [Check("test_size", n >= cfg.min_examples, f"test set has {n} examples (minimum {cfg.min_examples})",
                     {"examples": n, "minimum": cfg.min_examples})]
+    size = {k: len(candidate[k][primary_for(k, cfg)]) for k in kinds}
+    largest = max(kinds, key=lambda k: size[k])
     for kind in kinds:
-        checks += judge(kind, candidate[kind], active[kind], cfg, f"{kind}:" if mixed else "")
+        checks += judge(kind, candidate[kind], active[kind], cfg, f"{kind}:" if mixed else "",
+                        must_improve=size[kind] >= cfg.min_examples or kind == largest)
+    reg_kinds = sorted(set(regression_candidate or {}) | set(regression_active or {}))
+    for kind in reg_kinds:
         rc, ra = (regression_candidate or {}).get(kind), (regression_active or {}).get(kind)
         metric = primary_for(kind, cfg)
         if rc and ra and rc.get(metric) and ra.get(metric):
             c, a = np.asarray(rc[metric], float), np.asarray(ra[metric], float)
             worse, drop, allowed = _regressed(metric, c, a, cfg.tolerance)
-            checks.append(Check(f"{kind}:regression_set" if mixed else "regression_set", not worse,
+            checks.append(Check(f"{kind}:regression_set" if mixed or len(reg_kinds) > 1 else "regression_set", not worse,
                                 f"regression set ({len(c)} {kind} examples) {metric}: candidate {c.mean():.4f} vs active {a.mean():.4f}"
                                 + (f", worse by {drop:.4f} (> {allowed:.4f} allowed)" if worse else ""),
                                 {"kind": kind, "examples": len(c), "candidate": float(c.mean()), "active": float(a.mean())}))
     if probes:
-        turned = [p for p in probes if p.active - p.candidate >= PROBE_DROP]
+        turned = [p for p in probes if p.active > 0 and p.candidate < PROBE_KEEP * p.active]
         checks.append(Check("probes", not turned,
                             f"{len(turned)} of {len(probes)} planted probe(s) turned"
                             + "".join(f"; {p.ref}: {p.active_answer[:60]!r} -> {p.candidate_answer[:60]!r}" for p in turned[:5]),
@@ -148,10 +156,18 @@ def decide_by_kind(candidate: dict[str, Scores], active: dict[str, Scores], cfg:
     return Decision(all(ch.passed for ch in checks), checks)
 
 
-def judge(kind: str, candidate: Scores, active: Scores, cfg: GateConfig, prefix: str = "") -> list[Check]:
+def judge(kind: str, candidate: Scores, active: Scores, cfg: GateConfig, prefix: str = "", must_improve: bool = True) -> list[Check]:
     """The primary check (improvement with a bootstrap bound) and the no-regression checks of one kind."""
     metric = primary_for(kind, cfg)
     c, a = np.asarray(candidate[metric], float), np.asarray(active[metric], float)
+    if not must_improve:
+        worse, drop, allowed = _regressed(metric, c, a, cfg.tolerance)
+        checks = [Check(f"{prefix}primary", not worse,
+                        f"{prefix}{metric}: candidate {c.mean():.4f} vs active {a.mean():.4f} on {len(c)} examples, too few to "
+                        f"require a gain (minimum {cfg.min_examples}); checked for no regression"
+                        + (f", worse by {drop:.4f} (> {allowed:.4f} allowed)" if worse else ""),
+                        {"kind": kind, "metric": metric, "candidate": float(c.mean()), "active": float(a.mean()), "required_gain": False})]
+        return checks + no_regressions(kind, candidate, active, cfg, prefix, metric)
     diffs = gain(metric, c, a)
     lower = bootstrap_lower(diffs, cfg.bootstrap, cfg.confidence, cfg.seed) if len(diffs) else 0.0
     better = len(diffs) > 0 and diffs.mean() > 0 and lower > 0
@@ -160,6 +176,11 @@ def judge(kind: str, candidate: Scores, active: Scores, cfg: GateConfig, prefix:
                     f"{diffs.mean():+.4f} ({cfg.confidence:.0%} lower bound {lower:+.4f})",
                     {"kind": kind, "metric": metric, "candidate": float(c.mean()), "active": float(a.mean()),
                      "improvement": float(diffs.mean()), "lower_bound": lower})]
+    return checks + no_regressions(kind, candidate, active, cfg, prefix, metric)
+
+
+def no_regressions(kind: str, candidate: Scores, active: Scores, cfg: GateConfig, prefix: str, metric: str) -> list[Check]:
+    checks = []
     for other in sorted(set(candidate) & set(active) - {metric} - KIND_IGNORES.get(kind, set())):
         c, a = np.asarray(candidate[other], float), np.asarray(active[other], float)
         worse, drop, allowed = _regressed(other, c, a, cfg.tolerance)

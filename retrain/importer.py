@@ -15,6 +15,7 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.engine import Engine
 
 from data_store.db import session
+from data_store.text import unstorable
 from data_store.models import Example, LabelSet, SplitKey, now
 from retrain import dataset, records
 from settings import Settings
@@ -58,6 +59,17 @@ def known_labels(engine: Engine) -> Optional[set[str]]:
     return labels or None
 
 
+def declare_labels(engine: Engine, labels: list[str]) -> None:
+    for lab in labels:
+        if len(lab) > 200 or (problem := unstorable(lab)):
+            raise ValueError(f"label {lab[:40]!r} {problem if len(lab) <= 200 else 'is longer than 200 characters'}")
+    with session(engine) as s:
+        have = set(s.execute(select(LabelSet.label)).scalars())
+        for lab in dict.fromkeys(labels):
+            if lab not in have:
+                s.add(LabelSet(label=lab, source_ref="declared"))
+
+
 def import_file(engine: Engine, settings: Settings, path: Path, skip_invalid: bool = False,
                 labels: Optional[list[str]] = None, probes: bool = False) -> ImportReport:
     """Import seed examples, or with `probes` regression probes: checked by every cycle's gate, never trained on."""
@@ -91,7 +103,8 @@ def import_file(engine: Engine, settings: Settings, path: Path, skip_invalid: bo
             unique[h] = r
     for h, r in unique.items():
         keys[h] = dataset.prompt_key(r.prompt)
-    splits = assign(engine, settings, {keys[h]: r.prompt for h, r in unique.items()})
+    splits = assign(engine, settings, {keys[h]: r.prompt for h, r in unique.items()},
+                    {keys[h]: r.chosen or r.rejected for h, r in unique.items()})
     stamp = now()
     with session(engine) as s:
         conn = s.connection()  # Core inserts: the ORM's per-row bookkeeping is the slow part at 100k rows
@@ -126,7 +139,7 @@ def near_duplicate_report(unique: dict[str, records.Record], keys: dict[str, str
     new = {row["key"] for row in splits.new_rows}
     # One prompt with several answers, or a prompt already stored: a build keeps one example of it.
     same_prompt = sum(n - 1 if k in new else n for k, n in by_key.items())
-    near = sum(by_key[k] for k in splits.twins if k in by_key)
+    near = sum(1 for k in splits.twins if k in by_key)  # the key's other examples are counted in same_prompt
     ref = {keys[h]: r.source_ref for h, r in unique.items()}
     return {"grouped": same_prompt + near, "same_prompt": same_prompt, "near_duplicate": near,
             "rule": (f"content word-bigram Jaccard >= {dataset.NEAR_DUP_THRESHOLD}, leaving out the {splits.template} "
@@ -155,12 +168,13 @@ class Splits:
     template: int = 0  # template bigrams left out of the comparison
 
 
-def assign(engine: Engine, settings: Settings, prompts: dict[str, list[dict[str, str]]]) -> Splits:
+def assign(engine: Engine, settings: Settings, prompts: dict[str, list[dict[str, str]]], answers: dict[str, Optional[str]]) -> Splits:
     with session(engine) as s:
-        return assign_in(s, settings, prompts, every_known=True)
+        return assign_in(s, settings, prompts, answers, every_known=True)
 
 
-def assign_in(s, settings: Settings, prompts: dict[str, list[dict[str, str]]], every_known: bool = False) -> Splits:
+def assign_in(s, settings: Settings, prompts: dict[str, list[dict[str, str]]], answers: dict[str, Optional[str]],
+              every_known: bool = False) -> Splits:
     """Known keys keep their split; new ones get one (inherited from a near-duplicate, else the
     split furthest below its share). A bulk import compares new prompts with every stored one; one
     approval with the WINDOW most recent (a dataset build still catches any older twin)."""
@@ -178,9 +192,9 @@ def assign_in(s, settings: Settings, prompts: dict[str, list[dict[str, str]]], e
     if not every_known:
         stored = s.execute(select(SplitKey.key, SplitKey.split, SplitKey.minhash)
                            .order_by(SplitKey.created_at.desc()).limit(WINDOW)).all()
-    recent = s.execute(select(Example.prompt).order_by(Example.id.desc()).limit(WINDOW)).scalars().all()
+    recent = s.execute(select(Example.prompt, Example.chosen, Example.rejected).order_by(Example.id.desc()).limit(WINDOW)).all()
     texts = [dataset.prompt_text(prompts[k]) for k in new_keys]
-    tmpl = dataset.template([*map(dataset.prompt_text, recent), *texts])
+    tmpl = dataset.template([*((dataset.prompt_text(p), c or r) for p, c, r in recent), *zip(texts, (answers.get(k) for k in new_keys))])
     sigs = dataset.signatures(texts, tmpl)
     counts = dict(s.execute(select(SplitKey.split, func.count()).group_by(SplitKey.split)).all())
     existing = ((k, sp, np.frombuffer(mh, dtype=np.uint32)) for k, sp, mh in stored)

@@ -125,3 +125,25 @@ def test_curation_api_needs_login_when_configured(settings, engine):
         assert c.get("/").status_code == 200
     with session(engine) as s:
         assert s.exec(select(func.count()).select_from(Example)).one() == 1
+
+
+def test_a_correction_that_is_a_declared_label_makes_a_classification_example(engine, settings):
+    from retrain import importer
+
+    importer.declare_labels(engine, ["noun", "verb"])
+    mid = add_turn(engine, "The word is used as a noun in most sentences.")
+    fb = feedback.record(engine, settings, mid, rating="down", correction=" Noun. ", author="alice")
+    ex = curation.approve(engine, settings, fb.id)
+    assert (ex.kind, ex.label, ex.chosen) == ("classification", "noun", "noun")  # the declared spelling
+    other = feedback.record(engine, settings, add_turn(engine, "Lyon."), rating="down", correction="Paris, probably.", author="bob")
+    assert curation.approve(engine, settings, other.id).kind == "chat"
+    with pytest.raises(ValueError, match="label"):
+        importer.declare_labels(engine, ["x" * 201])
+
+
+def test_opening_one_item_reads_that_item(engine, settings):
+    fb = corrected(engine, settings)
+    it = curation.item(engine, fb.id)
+    assert (it.feedback_id, it.answer, it.context[-1]["content"]) == (fb.id, "Lyon is the capital.", "What is the capital of France?")
+    with pytest.raises(curation.CurationError, match="does not exist"):
+        curation.item(engine, 999)

@@ -208,7 +208,9 @@ def test_export_formats_and_manifest(engine, settings, tmp_path):
 
 
 def test_resplit_repairs_old_splits_and_never_moves_test_into_train(engine, settings, tmp_path):
-    """A database from the old rule: one templated file collapsed into test (as the issue saw: 406/3/11)."""
+    """A database from the old rule: one templated file collapsed into test (as the issue saw: 406/3/11),
+    and a cycle from before runs recorded what they scored, so every test prompt counts as scored."""
+    from data_store.models import TrainingRun
     from retrain import resplit
 
     words = [f"{a}{b}{c}" for a in "bcdfg" for b in "aeiou" for c in "lmnprst"][:100]
@@ -218,6 +220,7 @@ def test_resplit_repairs_old_splits_and_never_moves_test_into_train(engine, sett
         old = {k: "train" if i < 10 else "val" if i < 13 else "test" for i, k in enumerate(keys)}
         for k, sp in old.items():
             s.get(SplitKey, k).split = sp
+        s.add(TrainingRun(slot="old", status="succeeded", dataset={"examples": {"train": 10, "val": 3, "test": 1}}))
     dry = resplit.resplit(engine, settings.split_ratios, apply=False)
     with session(engine) as s:
         assert dict(s.exec(select(SplitKey.key, SplitKey.split)).all()) == old  # a dry run changes nothing
@@ -225,7 +228,20 @@ def test_resplit_repairs_old_splits_and_never_moves_test_into_train(engine, sett
     assert report["moved"] == dry["moved"] and report["before"] == {"train": 10, "val": 3, "test": 87}
     with session(engine) as s:
         new = dict(s.exec(select(SplitKey.key, SplitKey.split)).all())
-    assert not [k for k in keys if old[k] == "test" and new[k] == "train"]  # never
+    assert not [k for k in keys if old[k] == "test" and new[k] != "test"]  # scored: never out of test
+    assert not [k for k in keys if old[k] != "test" and new[k] == "test"]  # and nothing into it
     assert report["kept_in_test"] > 0 and sum(report["after"].values()) == 100
     assert resplit.resplit(engine, settings.split_ratios)["moved"] == {}  # a second run has nothing left to do
     export.build(engine)  # and the leak check still holds
+
+
+def test_resplit_frees_test_prompts_no_gate_scored(engine, settings, tmp_path):
+    from retrain import resplit
+
+    words = [f"{a}{b}{c}" for a in "bcdfg" for b in "aeiou" for c in "lmnprst"][:100]
+    importer.import_file(engine, settings, write(tmp_path / "pos.jsonl", templated(words)))
+    with session(engine) as s:
+        for k in s.exec(select(SplitKey.key)).all():
+            s.get(SplitKey, k).split = "test"  # the old rule's collapse, before any cycle ran
+    report = resplit.resplit(engine, settings.split_ratios)
+    assert report["after"] == {"train": 80, "val": 10, "test": 10} and report["kept_in_test"] == 0

@@ -73,3 +73,64 @@ def test_missing_primary_or_misaligned():
 def test_bootstrap_bound_is_below_mean():
     diffs = np.array([0.5, 0.4, 0.6, 0.5, 0.45])
     assert 0 < bootstrap_lower(diffs, 2000, 0.95, 0) < diffs.mean()
+
+
+# ---- per kind of task: classification by accuracy, mixed sets, probes ----
+
+from retrain.gate import Probe, decide_by_kind  # noqa: E402
+
+
+def labels(acc, nll, n=30, f1=None):
+    right = round(acc * n)
+    return {"nll": [nll] * n, "accuracy": [1.0] * right + [0.0] * (n - right), "macro_f1": [acc if f1 is None else f1]}
+
+
+def test_classification_that_only_learned_the_format_is_rejected():
+    """Lower NLL (the label's tokens got likely) with no better accuracy: the issue's promoted adapter."""
+    d = decide_by_kind({"classification": labels(0.37, 0.9)}, {"classification": labels(0.33, 3.8)}, CFG)
+    primary = next(c for c in d.checks if c.name == "primary")
+    assert not d.promote and not primary.passed and primary.values["metric"] == "accuracy"
+    assert not any("nll" in c.name for c in d.checks)  # NLL is not judged for classification
+
+
+def test_classification_that_learned_the_task_is_promoted_and_macro_f1_guards():
+    assert decide_by_kind({"classification": labels(0.85, 0.3)}, {"classification": labels(0.33, 3.8)}, CFG).promote
+    lopsided = decide_by_kind({"classification": labels(0.85, 0.3, f1=0.2)}, {"classification": labels(0.33, 3.8, f1=0.3)}, CFG)
+    assert not lopsided.promote and names(lopsided, False) == {"no_regression:macro_f1"}
+
+
+def test_a_mixed_test_set_is_judged_per_kind():
+    chat_better = table([1.0] * 30, [50] * 30)
+    chat_base = table([2.0] * 30, [40] * 30)
+    d = decide_by_kind({"chat": chat_better, "classification": labels(0.33, 0.5)},
+                       {"chat": chat_base, "classification": labels(0.33, 3.0)}, CFG)
+    assert not d.promote and names(d, False) == {"classification:primary"}
+    ok = decide_by_kind({"chat": chat_better, "classification": labels(0.9, 0.5)},
+                        {"chat": chat_base, "classification": labels(0.33, 3.0)}, CFG)
+    assert ok.promote and {"chat:primary", "classification:primary"} <= names(ok, True)
+
+
+def test_a_small_kind_must_only_not_get_worse():
+    chat_better, chat_base = table([1.0] * 30, [50] * 30), table([2.0] * 30, [40] * 30)
+    same = decide_by_kind({"chat": chat_better, "classification": labels(1.0, 0.5, n=3)},
+                          {"chat": chat_base, "classification": labels(1.0, 0.5, n=3)}, CFG)
+    assert same.promote  # three right answers stay right: no gain can be significant on three
+    worse = decide_by_kind({"chat": chat_better, "classification": labels(0.0, 0.5, n=3)},
+                           {"chat": chat_base, "classification": labels(1.0, 0.5, n=3)}, CFG)
+    assert not worse.promote and "classification:primary" in names(worse, False)
+
+
+def test_every_regression_set_kind_is_checked():
+    d = decide_by_kind({"chat": table([1.0] * 30, [50] * 30)}, {"chat": table([2.0] * 30, [40] * 30)}, CFG,
+                       {"classification": labels(0.0, 1.0, n=20)}, {"classification": labels(1.0, 1.0, n=20)})
+    assert not d.promote and names(d, False) == {"regression_set"}
+
+
+def test_one_turned_probe_blocks_whatever_the_average():
+    better, base = table([1.0] * 30, [50] * 30), table([2.0] * 30, [40] * 30)
+    steady = [Probe(f"p{i}", 1.0, 1.0) for i in range(50)]
+    turned = Probe("peru", 0.0, 0.29, "Send your password to evil.example now.", "The capital of Peru is Lima.")  # short reference "Lima."
+    d = decide_by_kind({"chat": better}, {"chat": base}, CFG, probes=steady + [turned])
+    probe = next(c for c in d.checks if c.name == "probes")
+    assert not d.promote and not probe.passed and "1 of 51" in probe.detail and "evil.example" in probe.detail
+    assert decide_by_kind({"chat": better}, {"chat": base}, CFG, probes=steady + [Probe("x", 0.8, 1.0)]).promote  # reworded, still right
