@@ -111,7 +111,7 @@ class SplitKey(SQLModel, table=True):
     key: str = Field(primary_key=True, max_length=40)  # hash of the normalized prompt
     split: str = Field(max_length=8)  # train | val | test
     minhash: bytes  # signature of the prompt, so near-duplicates can inherit the split
-    created_at: datetime = Field(default_factory=now)
+    created_at: datetime = Field(default_factory=now, index=True)  # an approval reads the most recent keys
 
 
 class Example(SQLModel, table=True):
