@@ -59,3 +59,18 @@ def test_unknown_base_model_is_named(env, monkeypatch):
 def test_settings_prints_table():
     r = run("settings")
     assert r.exit_code == 0 and "`TUNELOOP_VLLM_MODE`" in r.output
+
+
+def test_data_import_warns_labels_and_resplit(env):
+    import json
+
+    rows = [json.dumps({"prompt": f"Explain how photosynthesis works in green plants{'!' * i}", "completion": "Light."}) for i in range(3)]
+    (env / "twins.jsonl").write_text("\n".join(rows) + "\n")
+    r = run("data", "import", str(env / "twins.jsonl"))
+    assert r.exit_code == 0, r.output
+    assert "warning: 2 of 3 lines (67%) collapse" in r.output  # the same prompt three times over
+    assert '"same_prompt": 2' in r.output
+    r = run("data", "labels", "--add", "noun, verb")
+    assert r.exit_code == 0 and r.output.strip() == "noun, verb"
+    r = run("data", "resplit", "--dry-run")
+    assert r.exit_code == 0 and json.loads(r.output)["applied"] is False
