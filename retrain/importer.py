@@ -143,7 +143,7 @@ def near_duplicate_report(unique: dict[str, records.Record], keys: dict[str, str
     ref = {keys[h]: r.source_ref for h, r in unique.items()}
     return {"grouped": same_prompt + near, "same_prompt": same_prompt, "near_duplicate": near,
             "rule": (f"content word-bigram Jaccard >= {dataset.NEAR_DUP_THRESHOLD}, leaving out the {splits.template} "
-                     f"template bigram(s) that >= {dataset.TEMPLATE_SHARE:.0%} of prompts share"),
+                     f"template bigram(s) that >= {dataset.TEMPLATE_SHARE:.1%} of prompts share"),
             "template_bigrams": splits.template,
             "pairs": [f"{ref[k]} ~ {ref.get(twin, 'a stored prompt')}" for k, twin in list(splits.twins.items())[:10]]}
 
