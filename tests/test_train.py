@@ -75,3 +75,18 @@ def test_full_fine_tuning_is_refused_clearly(tiny_model, tmp_path):
     done = subprocess.run([sys.executable, "-m", "retrain.train", str(tmp_path / "spec.json")], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "only lora and qlora produce an adapter vLLM can hot-swap" in done.stderr + done.stdout
+
+
+def test_early_stopping_ends_a_run_whose_validation_loss_stopped_improving(tiny_model, tmp_path):
+    """Validation several times per epoch, patience counted in evaluations: the run ends long before its last
+    epoch once the validation loss stops falling (here it must rise: val answers contradict train's)."""
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"Say the number {i}."}],
+                                       "completion": [{"role": "assistant", "content": f"Zebra {i * 7} quietly."}]}) + "\n" for i in range(4)))
+    spec = TrainSpec(base_model=str(tiny_model), train_file=data(tmp_path / "train.jsonl", 16), val_file=str(val),
+                     out_dir=str(tmp_path / "out"), lora_r=4, lora_alpha=8, epochs=20, batch_size=4, learning_rate=1e-2,
+                     max_length=64, evals_per_epoch=2, early_stopping_patience=2)
+    events = train_in_child(spec, tmp_path)
+    evals = [e for e in events if "eval_loss" in e]
+    assert events[-1]["done"] and events[-1]["steps"] < 80, events[-1]  # 20 epochs x 4 steps, stopped early
+    assert len(evals) >= 3 and abs(events[-1]["best_eval_loss"] - min(e["eval_loss"] for e in evals)) < 1e-4  # the best was kept
