@@ -133,13 +133,38 @@ def _cycle(settings, engine, client, base_model, base_served, run_id, promote, f
     on_event({"status": "training", "train_rows": len(train_rows)})
 
     history = _train(settings, base_model, workdir, bool(val_rows), engine, run_id, on_event, log_lines)
-    name = adapters.next_name(engine)
-    row = adapters.register(engine, settings, base_model, workdir / "out" / "adapter", name=name, parent=active)
+    row = adapters.register(engine, settings, base_model, workdir / "out" / "adapter", parent=active)
+    name = row.name
     update(engine, run_id, adapter=name, history=history)
     on_event({"status": "evaluating", "adapter": name})
+    try:
+        return _judge(settings, engine, client, base_served, run_id, promote, on_event, log_lines, built, test, labels,
+                      row, active)
+    except Exception as e:
+        # A candidate the cycle did not finish judging must not linger in vLLM or be promotable later.
+        if adapters.active(engine) != name:
+            _discard(engine, client, name, f"the cycle failed while judging it: {type(e).__name__}: {e}")
+        raise
 
+
+def _discard(engine: Engine, client: VLLMClient, name: str, reason: Optional[str] = None) -> None:
+    with session(engine) as s:
+        a = s.exec(select(Adapter).where(Adapter.name == name)).one()
+        a.status = "rejected"
+        if reason:
+            a.metrics = {**(a.metrics or {}), "rejected_because": reason}
+        s.add(a)
+    try:
+        client.unload_adapter(name)
+    except Exception:
+        pass  # never loaded, or vLLM is down: nothing serves it either way
+
+
+def _judge(settings, engine, client, base_served, run_id, promote, on_event, log_lines, built, test, labels, row, active):
+    """Score candidate and incumbent on the frozen test set, decide with the gate, promote or discard."""
+    name = row.name
     adapters.ensure_loaded(client, row)
-    scorer = Scorer(client, Likelihood(base_model))
+    scorer = Scorer(client, Likelihood(row.base_model))
     incumbent = active or base_served
     incumbent_dir = adapters.get(engine, active).path if active else None
     cand_scores = scorer.score(name, row.path, test)
@@ -171,16 +196,11 @@ def _cycle(settings, engine, client, base_model, base_served, run_id, promote, f
     with session(engine) as s:
         a = s.exec(select(Adapter).where(Adapter.name == name)).one()
         a.metrics = metrics["candidate"]
-        if not decision.promote:
-            a.status = "rejected"
         s.add(a)
     if decision.promote:
         promote(name)
     else:
-        try:
-            client.unload_adapter(name)
-        except Exception:
-            pass  # it was never needed for serving
+        _discard(engine, client, name)
     result = {"promote": decision.promote, "summary": decision.summary(), "reasons": decision.reasons(),
               "metrics": metrics, "candidate": name, "active": incumbent}
     update(engine, run_id, status="succeeded", decision=result, finished_at=now(), log="\n".join(log_lines[-2000:]))

@@ -149,9 +149,12 @@ def _sha256(file: Path) -> str:
 # ---- registry (database and directories) ----
 
 def next_name(engine: Engine) -> str:
+    """The next automatic name: one above the highest vNNNN taken, so a name a user chose (`v0007`)
+    or a row count that skips never makes a cycle collide with an existing version after training."""
     with session(engine) as s:
-        count = len(s.exec(select(Adapter.id)).all())
-    return f"v{count + 1:04d}"
+        names = s.exec(select(Adapter.name)).all()
+    taken = [int(n[1:]) for n in names if re.fullmatch(r"v\d{4,9}", n)]
+    return f"v{max(taken, default=0) + 1:04d}"
 
 
 def register(engine: Engine, settings: Settings, base_model: str, src: Path, name: Optional[str] = None,

@@ -128,3 +128,10 @@ def test_promote_and_rollback_follow_the_deployment_log(engine, settings, tiny_m
     assert adapters.active(engine) is None
     with pytest.raises(AdapterError, match="no adapter named"):
         adapters.promote(engine, None, settings, "nope")
+
+
+def test_automatic_names_skip_names_users_chose(engine, settings, tiny_model, good_adapter):
+    adapters.register(engine, settings, str(tiny_model), good_adapter, name="v0002")
+    assert adapters.next_name(engine) == "v0003"  # not the row count plus one, which is taken
+    row = adapters.register(engine, settings, str(tiny_model), good_adapter)
+    assert row.name == "v0003" and adapters.next_name(engine) == "v0004"
