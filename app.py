@@ -83,9 +83,7 @@ def serve(host: Optional[str] = typer.Option(None, help="Override TUNELOOP_HOST.
         services.supervisor.start()
     else:
         services.reload_active()
-    from retrain.schedule import start_scheduler
-
-    scheduler = start_scheduler(settings)
+    scheduler = services.start_scheduler()
     typer.echo(f"tuneloop is serving at http://{settings.host}:{settings.port} (curation: /curate; retrain schedule {settings.schedule} UTC)")
     # uvicorn re-raises SIGTERM after its graceful shutdown; under the default handler that ends this
     # process before `finally` runs, orphaning vLLM (its port and a core). Exit through `finally`.
@@ -108,6 +106,20 @@ def model_pull() -> None:
     typer.echo(f"model ready at {path}")
 
 
+def _app_url(settings) -> str:
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    return f"http://{host}:{settings.port}"
+
+
+def _app_headers(settings) -> dict:
+    """The CLI's credentials for the running app: the admin token if configured, else the local token
+    the service keeps in its data directory (so curator logins alone do not lock the CLI out)."""
+    from serve.auth import cli_token
+
+    token = settings.admin_token or cli_token(settings)
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def _through_app(settings, path: str, body: Optional[dict] = None):
     """Ask the running app to act, so it drains requests on the old version before unloading it.
 
@@ -115,10 +127,8 @@ def _through_app(settings, path: str, body: Optional[dict] = None):
     """
     import httpx
 
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    headers = {"Authorization": f"Bearer {settings.admin_token}"} if settings.admin_token else {}
     try:
-        r = httpx.post(f"http://{host}:{settings.port}{path}", json=body, headers=headers, timeout=600)
+        r = httpx.post(f"{_app_url(settings)}{path}", json=body, headers=_app_headers(settings), timeout=600)
     except httpx.ConnectError:
         return None
     if r.status_code >= 400:
@@ -274,11 +284,10 @@ def retrain(now: bool = typer.Option(False, "--now", help="Run one cycle now on 
         fail(f"the service is not running at {settings.host}:{settings.port}; start it with `make run` "
              "(a cycle evaluates through its vLLM server)")
     run_id = started["run_id"]
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    headers = {"Authorization": f"Bearer {settings.admin_token}"} if settings.admin_token else {}
+    headers = _app_headers(settings)
     bar = tqdm(desc=f"run {run_id}", unit="step", total=None)
     while True:
-        run = httpx.get(f"http://{host}:{settings.port}/api/curation/runs/{run_id}", headers=headers, timeout=30).json()
+        run = httpx.get(f"{_app_url(settings)}/api/curation/runs/{run_id}", headers=headers, timeout=30).json()
         history = run.get("history") or []
         steps = [h for h in history if "step" in h]
         if steps:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Optional
 
-from sqlalchemy import JSON, Column, Text, UniqueConstraint
+from sqlalchemy import JSON, Column, Index, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 
@@ -76,11 +76,17 @@ class Deployment(SQLModel, table=True):
 
 
 class TrainingRun(SQLModel, table=True):
+    # At most one running cycle per database, whichever process claims it (migration 0005).
+    __table_args__ = (Index("uq_trainingrun_one_running", "status", unique=True,
+                            sqlite_where=text("status = 'running'"), postgresql_where=text("status = 'running'")),)
+
     id: Optional[int] = Field(default=None, primary_key=True)
     # The schedule slot this run is for ("2026-11-24T02:00:00+00:00", or "manual-..."): unique, so
     # two app processes firing the same due job make one run, not two.
     slot: Optional[str] = Field(default=None, max_length=64, unique=True)
     status: str = Field(default="running", max_length=16)  # running | succeeded | failed | skipped
+    # "host:pid:start-time" of the process running the cycle, so a restart can tell a dead one.
+    owner: Optional[str] = Field(default=None, max_length=128)
     reason: Optional[str] = Field(default=None, sa_column=Column(Text))
     adapter: Optional[str] = Field(default=None, max_length=64)
     dataset: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))

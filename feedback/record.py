@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
 from data_store.db import session
-from data_store.models import Feedback, Message, now
+from data_store.models import Feedback, Message
 from data_store.text import unstorable
 from settings import Settings
 

@@ -8,7 +8,6 @@ from typing import Optional
 import gradio as gr
 import pandas as pd
 
-from retrain import schedule
 from retrain.cycle import SlotTaken
 from retrain.runs import get_run, list_runs
 from serve import adapters
@@ -23,7 +22,7 @@ def pick(rows: pd.DataFrame, evt: gr.SelectData) -> Optional[int]:
 
 
 def build(services: Services, demo: gr.Blocks) -> None:
-    engine, settings = services.engine, services.settings
+    engine = services.engine
 
     def table():
         rows = [[r["id"], r["status"], r["adapter"] or "", "" if r["promoted"] is None else ("yes" if r["promoted"] else "no"),
@@ -31,10 +30,8 @@ def build(services: Services, demo: gr.Blocks) -> None:
         return rows or [[""] * len(RUN_COLUMNS)], f"Serving: **{adapters.active(engine) or 'base model'}**"
 
     def retrain_now():
-        from retrain.service import run_by_id
-
         try:
-            rid = schedule.start_now(settings, engine, lambda r: run_by_id(settings, engine, r, promote=services.promote))
+            rid = services.retrain_now()
         except SlotTaken as e:
             raise gr.Error(str(e))
         rows, serving = table()

@@ -2,30 +2,38 @@
 
 Exactly-once across processes: every app process may run a scheduler, and all of them fire the
 same stored job; the run row's unique slot (the cron time the firing belongs to) lets one claim it
-and makes the others skip. A firing missed while the app was down runs once on start-up if it is
-within the misfire grace time (hours, not APScheduler's 1-second default); coalesce folds several
-missed firings into one. Cron times are UTC.
+and makes the others skip. At most one cycle runs per database (a partial unique index on running
+rows); a firing that finds one running leaves a skipped row that says which. A firing runs in the
+process that fired it, through that service's own composition root: no HTTP call to itself. A
+firing missed while the app was down runs once on start-up if it is within the misfire grace time
+(hours, not APScheduler's 1-second default); coalesce folds several missed firings into one. Cron
+times are UTC.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Optional
 
 from sqlalchemy.engine import Engine
-from sqlmodel import select
+from sqlalchemy.exc import IntegrityError
 
-from data_store.db import make_engine, migrate, session
+from data_store.db import migrate, session
 from data_store.models import TrainingRun, now
 from retrain import cycle
 from settings import Settings
 
 log = logging.getLogger(__name__)
 JOB_ID = "tuneloop-retrain"
+JOB = "retrain.schedule:scheduled_cycle"
 MISFIRE_GRACE_S = 6 * 3600
-STALE_AFTER = timedelta(hours=12)  # a "running" row this old belongs to a process that died
+# APScheduler's job store keeps the job as a reference by name plus pickled arguments, not the running
+# service: the process that starts a scheduler registers here how it runs a firing (its own composition
+# root and the settings it started with), under a key stored as the job's argument.
+_FIRINGS: dict[str, Callable[[], None]] = {}
 
 
 def trigger(settings: Settings):
@@ -45,26 +53,15 @@ def slot_for(settings: Settings, at: datetime) -> str:
     return (latest or at).isoformat()
 
 
-def running(engine: Engine) -> Optional[TrainingRun]:
-    with session(engine) as s:
-        for run in s.exec(select(TrainingRun).where(TrainingRun.status == "running")).all():
-            started = run.started_at if run.started_at.tzinfo else run.started_at.replace(tzinfo=timezone.utc)
-            if now() - started > STALE_AFTER:
-                run.status, run.reason, run.finished_at = "failed", "its process died (no progress for 12 hours)", now()
-                s.add(run)
-            else:
-                return run
-    return None
-
-
-def start_cycle(settings: Settings, engine: Engine, slot: str, runner: Callable[[int], object]) -> Optional[int]:
-    """Claim the slot and run the cycle; None when another process has it or a cycle is running."""
-    other = running(engine)
-    if other is not None:
-        log.info("retrain slot %s skipped: run %s is still running", slot, other.id)
-        return None
+def start_cycle(engine: Engine, slot: str, runner: Callable[[int], object]) -> Optional[int]:
+    """Claim the slot and run the cycle; None when another process has the slot or a cycle is running,
+    which a row for the slot then says."""
     try:
         run_id = cycle.claim(engine, slot)
+    except cycle.CycleRunning as e:
+        log.info("retrain slot %s skipped: %s", slot, e)
+        _record_skip(engine, slot, f"skipped: {e}")
+        return None
     except cycle.SlotTaken:
         log.info("retrain slot %s was already claimed by another process", slot)
         return None
@@ -72,25 +69,44 @@ def start_cycle(settings: Settings, engine: Engine, slot: str, runner: Callable[
     return run_id
 
 
-def scheduled_cycle() -> None:
-    """The stored job (referenced by name, so it survives restarts): settings come from the
-    environment and tuneloop.toml of the process that fires it."""
-    from retrain.service import run_by_id
-
-    settings = Settings()
-    engine = make_engine(settings.db_url)
-    start_cycle(settings, engine, slot_for(settings, datetime.now(timezone.utc)),
-                lambda run_id: run_by_id(settings, engine, run_id))
+def _record_skip(engine: Engine, slot: str, reason: str) -> None:
+    try:
+        with session(engine) as s:
+            s.add(TrainingRun(slot=slot, status="skipped", reason=reason, finished_at=now()))
+    except IntegrityError:
+        pass  # another process recorded this slot first
 
 
-def start_scheduler(settings: Settings, job: str = "retrain.schedule:scheduled_cycle"):
-    """Start the scheduler. The stored job keeps its next run time across restarts (replacing it
-    would forget a firing missed while the app was down); only a changed cron reschedules it."""
+def firing(settings: Settings, engine: Engine, runner: Callable[[int], object]) -> Callable[[], None]:
+    """What one scheduled firing does: claim the slot it belongs to and run the cycle in this thread."""
+    return lambda: start_cycle(engine, slot_for(settings, datetime.now(timezone.utc)), runner)
+
+
+def _key(settings: Settings) -> str:
+    return hashlib.sha256(settings.db_url.encode()).hexdigest()[:16]  # never the URL: it may hold a password
+
+
+def scheduled_cycle(key: Optional[str] = None) -> None:
+    """The stored job: runs the firing its process registered for this database."""
+    fire = _FIRINGS.get(key or "")
+    if fire is None:
+        log.error("the scheduled retrain fired in a process that registered no service for it (job argument %r); "
+                  "nothing ran", key)
+        return
+    fire()
+
+
+def start_scheduler(settings: Settings, fire: Callable[[], None], job: str = JOB):
+    """Start the scheduler whose firings call `fire`. The stored job keeps its next run time across
+    restarts (replacing it would forget a firing missed while the app was down); only a changed cron
+    reschedules it."""
     from apscheduler.executors.pool import ThreadPoolExecutor
     from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
     from apscheduler.schedulers.background import BackgroundScheduler
 
     migrate(settings.db_url)
+    key = _key(settings)
+    _FIRINGS[key] = fire
     scheduler = BackgroundScheduler(
         jobstores={"default": SQLAlchemyJobStore(url=settings.db_url, tablename="apscheduler_jobs")},
         executors={"default": ThreadPoolExecutor(1)},
@@ -100,20 +116,19 @@ def start_scheduler(settings: Settings, job: str = "retrain.schedule:scheduled_c
     scheduler.start(paused=True)
     existing = scheduler.get_job(JOB_ID)
     if existing is None:
-        scheduler.add_job(job, trigger(settings), id=JOB_ID)
+        scheduler.add_job(job, trigger(settings), args=[key], id=JOB_ID)
     else:
         # A job stored by an older version keeps its own options: enforce ours.
-        scheduler.modify_job(JOB_ID, func=job, coalesce=True, max_instances=1, misfire_grace_time=MISFIRE_GRACE_S)
+        scheduler.modify_job(JOB_ID, func=job, args=[key], coalesce=True, max_instances=1, misfire_grace_time=MISFIRE_GRACE_S)
         if str(existing.trigger) != str(trigger(settings)):
             scheduler.reschedule_job(JOB_ID, trigger=trigger(settings))
     scheduler.resume()
     return scheduler
 
 
-def start_now(settings: Settings, engine: Engine, runner: Callable[[int], object]) -> int:
-    """'Retrain now': a manual slot of its own, run in a background thread; returns the run id."""
-    if (other := running(engine)) is not None:
-        raise cycle.SlotTaken(f"run {other.id} is still running; wait for it to finish")
+def start_now(engine: Engine, runner: Callable[[int], object]) -> int:
+    """'Retrain now': a manual slot of its own, run in a background thread; returns the run id.
+    Raises cycle.CycleRunning when a cycle runs (the database admits one)."""
     run_id = cycle.claim(engine, f"manual-{datetime.now(timezone.utc).isoformat()}")
     threading.Thread(target=runner, args=(run_id,), name=f"retrain-{run_id}", daemon=True).start()
     return run_id

@@ -6,15 +6,13 @@ when vLLM cannot answer; nothing is stored for a request that fails.
 
 from __future__ import annotations
 
-import base64
 import json
-import secrets
 from dataclasses import asdict
 from datetime import datetime
 from itertools import chain
 from typing import Any, Literal, Optional, Union
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -23,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from data_store.db import ping
 from feedback import curation
 from feedback import record as feedback
+from retrain.cycle import SlotTaken
 from serve import adapters
 from serve.chat import ChatInputError, Turn
 from serve.client import VLLMError, VLLMUnavailable
@@ -150,20 +149,10 @@ def router(services: Services) -> APIRouter:
     chat = services.chat
     settings = services.settings
 
-    def require_curator(authorization: Optional[str] = Header(None)) -> None:
-        # With curators or an admin token configured, curation, retraining, promotion and rollback
-        # need one of the curator logins (HTTP Basic) or the admin token.
-        logins = settings.curator_logins
-        if not logins and not settings.admin_token:
-            return
-        given = authorization or ""
-        if settings.admin_token and secrets.compare_digest(given.encode(), f"Bearer {settings.admin_token}".encode()):
-            return
-        for user, password in logins:
-            expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-            if secrets.compare_digest(given.encode(), expected.encode()):
-                return
-        raise _Forbidden()
+    def require_curator(request: Request) -> None:
+        # Curation, retraining, promotion and rollback: the same check as the curation page (serve/auth.py).
+        if services.auth.curator(request) is None:
+            raise _Forbidden()
 
     @api.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
@@ -237,13 +226,8 @@ def router(services: Services) -> APIRouter:
 
     @curate.post("/retrain", include_in_schema=True)
     async def retrain(force: bool = False):
-        from retrain import schedule
-        from retrain.cycle import SlotTaken
-        from retrain.service import run_by_id
-
         try:
-            run_id = await run_in_threadpool(schedule.start_now, settings, services.engine,
-                                             lambda rid: run_by_id(settings, services.engine, rid, promote=services.promote, force=force))
+            run_id = await run_in_threadpool(services.retrain_now, force)
         except SlotTaken as e:
             return error(409, f"a cycle is already running: {e}", "conflict")
         return {"run_id": run_id}
@@ -288,8 +272,8 @@ class _Forbidden(Exception):
 def install_auth_handler(app: FastAPI) -> None:
     @app.exception_handler(_Forbidden)
     async def _forbidden(_request: Request, _exc: _Forbidden):
-        return error(401, "this endpoint needs a curator login (HTTP Basic, TUNELOOP_CURATORS) or the admin token "
-                          "('Authorization: Bearer <TUNELOOP_ADMIN_TOKEN>')", "unauthorized")
+        return error(401, "this endpoint needs a curator login (HTTP Basic or the /curate/login session, TUNELOOP_CURATORS) "
+                          "or the admin token ('Authorization: Bearer <TUNELOOP_ADMIN_TOKEN>')", "unauthorized")
 
 
 def _completion(turn: Turn, base_name: str) -> dict[str, Any]:

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
 from sqlalchemy.engine import Engine
 
+from retrain import cycle, schedule
+from retrain.service import run_by_id
 from serve import adapters, zero_adapter
+from serve.auth import CuratorAuth
 from serve.chat import ChatService
 from serve.client import VLLMClient
 from serve.vllm_server import VLLMSupervisor
 from settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -22,12 +28,32 @@ class Services:
     chat: ChatService
     base_model: str  # what vLLM loaded: a directory or a hub id
     supervisor: Optional[VLLMSupervisor] = None
+    auth: Optional[CuratorAuth] = None
+
+    def __post_init__(self) -> None:
+        if self.auth is None:
+            self.auth = CuratorAuth(self.settings)
 
     def promote(self, name: str) -> None:
         adapters.promote(self.engine, self.vllm, self.settings, name, drain=self.chat.drain)
 
     def rollback(self) -> Optional[str]:
         return adapters.rollback(self.engine, self.vllm, self.settings, drain=self.chat.drain)
+
+    def run_cycle(self, run_id: int, force: bool = False):
+        """One retrain cycle for a claimed run, promoting through this service (so it drains)."""
+        return run_by_id(self.settings, self.engine, run_id, promote=self.promote, force=force)
+
+    def retrain_now(self, force: bool = False) -> int:
+        """'Retrain now' (API, Runs tab): raises cycle.CycleRunning while another cycle runs."""
+        return schedule.start_now(self.engine, lambda run_id: self.run_cycle(run_id, force))
+
+    def start_scheduler(self):
+        """The nightly job, fired in this process through this object, with the settings it started with.
+        First, runs left `running` by a process that died are marked failed so they block nothing."""
+        for run_id in cycle.recover(self.engine):
+            log.warning("run %s was left running by a process that is gone: marked failed", run_id)
+        return schedule.start_scheduler(self.settings, schedule.firing(self.settings, self.engine, self.run_cycle))
 
     def reload_active(self) -> Optional[str]:
         """After vLLM (re)starts: the zero adapter, if base traffic uses one, then the active version."""

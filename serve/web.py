@@ -1,13 +1,27 @@
-"""One ASGI app on one port: the JSON API and the Gradio UI mounted at /."""
+"""One ASGI app on one port: the JSON API, the curator login, and the Gradio UIs (/curate, /)."""
 
 from __future__ import annotations
 
+import html
+from urllib.parse import quote
+
 import gradio as gr
-from fastapi import FastAPI
+from fastapi import FastAPI, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
 
 from feedback import curation_ui
-from serve import api, chat_ui
+from serve import api, auth, chat_ui
 from serve.services import Services
+
+LOGIN_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>tuneloop: curator login</title></head>
+<body style="font-family:sans-serif;max-width:24em;margin:4em auto">
+<h2>Curator login</h2><p style="color:#b00">{error}</p>
+<form method="post" action="/curate/login">
+<label>User <input name="username" autocomplete="username" autofocus></label><br><br>
+<label>Password <input name="password" type="password" autocomplete="current-password"></label><br><br>
+<button type="submit" id="login">Log in</button></form>
+<p style="color:#666">Curator logins are set in TUNELOOP_CURATORS; with the admin token, the user is <code>admin</code>.</p>
+</body></html>"""
 
 
 def build_app(services: Services) -> FastAPI:
@@ -15,10 +29,44 @@ def build_app(services: Services) -> FastAPI:
     api.install_error_handlers(app)
     api.install_auth_handler(app)
     app.include_router(api.router(services))
-    # Curation is its own page so that only curators log in to it; chat stays open to users.
-    logins = services.settings.curator_logins or None
+    curators = services.auth
+
+    # Routes on this app come before the mounts, so these answer before Gradio's own /curate/login.
+    @app.get("/curate/login", include_in_schema=False)
+    async def login_form():
+        return HTMLResponse(LOGIN_PAGE.format(error=""))
+
+    @app.post("/curate/login", include_in_schema=False)
+    async def login(username: str = Form(""), password: str = Form("")):
+        user = curators.login(username, password)
+        if user is None:
+            return HTMLResponse(LOGIN_PAGE.format(error=html.escape("Wrong user or password.")), status_code=401)
+        response = RedirectResponse("/curate/", status_code=303)
+        # Strict: a page on another site cannot make the browser send it with a forged POST.
+        response.set_cookie(auth.COOKIE, curators.session_cookie(user), max_age=auth.SESSION_S, httponly=True,
+                            samesite="strict", path="/")
+        return response
+
+    @app.get("/curate/logout", include_in_schema=False)
+    async def logout():
+        response = RedirectResponse("/curate/login", status_code=303)
+        response.delete_cookie(auth.COOKIE, path="/")
+        return response
+
+    @app.middleware("http")
+    async def curate_page(request: Request, call_next):
+        # `/curate` works as typed; a browser without a curator session is sent to the login form.
+        if request.method == "GET" and request.url.path in ("/curate", "/curate/"):
+            if curators.curator(request) is None:
+                return RedirectResponse(f"/curate/login?next={quote('/curate/')}", status_code=303)
+            if request.url.path == "/curate":
+                return RedirectResponse("/curate/" + (f"?{request.url.query}" if request.url.query else ""), status_code=307)
+        return await call_next(request)
+
+    # Curation is its own page so that only curators reach it; every Gradio route under it (page,
+    # config, queue, buttons) asks `curators.curator`, the same check as the curator API.
     curate = curation_ui.build(services)
-    app = gr.mount_gradio_app(app, curate, path="/curate", auth=logins, auth_message="Curator login")
+    app = gr.mount_gradio_app(app, curate, path="/curate", auth_dependency=curators.curator if curators.required else None)
     demo = chat_ui.build(services)
     # Streaming chats run side by side; vLLM batches them.
     demo.queue(default_concurrency_limit=64)

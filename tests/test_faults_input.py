@@ -9,8 +9,7 @@ import os
 import socket
 import subprocess
 import sys
-import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,6 @@ from serve.chat import ChatService
 from serve.client import VLLMClient
 from serve.services import Services
 from serve.web import build_app
-from settings import Settings
 from test_schedule import app_was_down_at_the_cron_time
 from test_store import add_turn
 
@@ -223,7 +221,8 @@ import sys, time
 sys.path[:0] = [{tests!r}, {root!r}]
 from settings import Settings
 from retrain import schedule
-sch = schedule.start_scheduler(Settings(), job="test_schedule:fire")
+from test_schedule import recording_firing
+sch = schedule.start_scheduler(Settings(), recording_firing(Settings()))
 time.sleep(8)
 sch.shutdown()
 """

@@ -180,6 +180,20 @@ def test_kill_9_and_full_disk_during_a_cycle_keep_serving_and_leave_no_version(l
     assert (tiny_disk / r3.adapter / adapters.METADATA).exists()
     if not r3.decision["promote"]:
         assert adapters.active(svc.engine) == "serving-1"
+
+    # The candidate's directory vanishes before it is judged (a disk swapped, an operator's rm): vLLM
+    # refuses the load and the run fails; the candidate is marked rejected with why, never loaded, never promotable.
+    def lose_candidate(event):
+        if event.get("status") == "evaluating":
+            shutil.rmtree(adapters.get(svc.engine, event["adapter"]).path)
+
+    r4 = run("fault-eval", lose_candidate)
+    assert r4.status == "failed" and r4.adapter and r4.adapter != r3.adapter, r4.reason
+    lost = adapters.get(svc.engine, r4.adapter)
+    assert lost.status == "rejected" and "failed while judging" in lost.metrics["rejected_because"]
+    assert r4.adapter not in [m["id"] for m in svc.vllm.models()]
+    with pytest.raises(adapters.AdapterError, match="was rejected"):
+        svc.promote(r4.adapter)
     svc.rollback() if adapters.active(svc.engine) != "serving-1" else None
     for name in ("serving-1", r3.adapter):
         try:

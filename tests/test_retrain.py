@@ -1,16 +1,20 @@
 """One full retrain cycle on the default model with the real vLLM server, end to end."""
 
+import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 
 import httpx
 import pytest
 
 from data_store.db import session
-from data_store.models import Adapter, EvalResult
-from retrain import cycle
+from data_store.models import Adapter, EvalResult, TrainingRun
+from retrain import cycle, schedule
 from retrain.service import run_by_id
 from serve import adapters
 from sqlmodel import select
+
+from conftest import serve_app, services_for
 
 pytestmark = pytest.mark.integration
 
@@ -21,6 +25,18 @@ COUNTRIES = ["France", "Germany", "Italy", "Spain", "Portugal", "Poland", "Austr
              "Bulgaria", "Serbia", "Croatia", "Ukraine", "Russia", "Iran", "Iraq", "Israel", "Jordan", "Syria",
              "Lebanon", "Pakistan", "Bangladesh", "Indonesia", "Malaysia", "Australia", "Colombia", "Venezuela",
              "Bolivia", "Ecuador", "Uruguay", "Paraguay"]
+
+
+def wait_for_slot(engine, slot: str, timeout: float) -> TrainingRun:
+    """The run row the scheduler's firing for `slot` made, once it is no longer running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with session(engine) as s:
+            run = s.exec(select(TrainingRun).where(TrainingRun.slot == slot)).first()
+        if run is not None and run.status != "running":
+            return run
+        time.sleep(2)
+    raise AssertionError(f"no finished run for slot {slot} within {timeout} s (found: {run})")
 
 
 def correction(country: str) -> str:
@@ -52,8 +68,24 @@ def test_cycle_promotes_a_better_adapter_and_rejects_a_bad_one(api, live):
     fast = dict(gate_min_test_examples=3, retrain_min_new_examples=10, train_epochs=3, train_batch_size=8,
                 train_learning_rate=2e-3)
     good = live.settings.model_copy(update=fast)
-    run = run_by_id(good, live.engine, cycle.claim(live.engine, "test-cycle-1"), promote=live.promote)
-    assert run.status == "succeeded", f"{run.reason}\n{run.log}"
+    # The nightly job as production runs it: a service with curator logins and an admin token, its
+    # scheduler's stored job fired for real (its next run time moved to now), in process.
+    prod = services_for(good.model_copy(update={"curators": "ops:night-shift", "admin_token": "t0ken-for-cli"}),
+                        live.engine, live.vllm, live.base_model)
+    with serve_app(prod) as prod_url:
+        assert httpx.post(f"{prod_url}/api/curation/retrain").status_code == 401  # no credentials, no cycle
+        scheduler = prod.start_scheduler()
+        try:
+            slot = schedule.slot_for(prod.settings, datetime.now(timezone.utc))
+            scheduler.modify_job(schedule.JOB_ID, next_run_time=datetime.now(timezone.utc))
+            run = wait_for_slot(live.engine, slot, timeout=1800)
+        finally:
+            scheduler.shutdown()
+        assert run.status == "succeeded", f"{run.reason}\n{run.log}"
+        # The chat's next answer comes from the new version.
+        after = httpx.post(f"{prod_url}/v1/chat/completions", timeout=300, json={
+            "messages": [{"role": "user", "content": "What is the capital of Atlantis?"}], "temperature": 0, "max_tokens": 16}).json()
+        assert after["tuneloop"]["adapter"] == run.adapter and "Zorblax" in after["choices"][0]["message"]["content"]
     d = run.decision
     assert d["promote"], d["summary"]
     assert adapters.active(live.engine) == run.adapter

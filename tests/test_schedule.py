@@ -1,24 +1,34 @@
-"""The schedule: two scheduler instances on one database run a due cycle exactly once, and a firing
-missed while the app was down still runs once."""
+"""The schedule: two scheduler instances on one database run a due cycle exactly once, a firing
+missed while the app was down still runs once, at most one cycle runs per database (the database
+enforces it), and a cycle whose process died blocks nothing."""
 
+import os
+import signal
+import subprocess
+import sys
+import threading
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 from sqlmodel import select
 
-from data_store.db import make_engine, session
+from data_store.db import make_engine, migrate, session
 from data_store.models import TrainingRun
 from retrain import cycle, schedule
 from settings import Settings
 
 
-def fire():
-    """The job under test: the real slot claim, with a cycle that only records it ran."""
-    settings = Settings()
+def recording_firing(settings: Settings):
+    """The stored job's real firing (slot, claim, skip rows) with a cycle that only records it ran."""
     engine = make_engine(settings.db_url)
-    schedule.start_cycle(settings, engine, schedule.slot_for(settings, datetime.now(timezone.utc)),
-                         lambda run_id: cycle.update(engine, run_id, status="succeeded"))
+    return schedule.firing(settings, engine, lambda run_id: cycle.update(engine, run_id, status="succeeded"))
+
+
+def runs(engine) -> list[TrainingRun]:
+    with session(engine) as s:
+        return s.exec(select(TrainingRun).order_by(TrainingRun.id)).all()
 
 
 def test_slot_is_the_latest_cron_time():
@@ -29,19 +39,17 @@ def test_slot_is_the_latest_cron_time():
 
 
 def app_was_down_at_the_cron_time(tmp_path, monkeypatch):
-    """A store holding a job that fell due 30 minutes ago; returns the settings and a paused
+    """A store holding the job, fallen due 30 minutes ago; returns the settings and a paused
     scheduler that keeps it stored and unfired (a shutdown now would consume the firing)."""
     from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
     from apscheduler.schedulers.background import BackgroundScheduler
-
-    from data_store.db import migrate
 
     monkeypatch.setenv("TUNELOOP_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("TUNELOOP_SCHEDULE", f"{(datetime.now(timezone.utc) - timedelta(minutes=30)).minute} * * * *")
     settings = Settings()
     migrate(settings.db_url)
     setup = BackgroundScheduler(jobstores={"default": SQLAlchemyJobStore(url=settings.db_url, tablename="apscheduler_jobs")}, timezone=timezone.utc)
-    setup.add_job("test_schedule:fire", schedule.trigger(settings), id=schedule.JOB_ID,
+    setup.add_job(schedule.JOB, schedule.trigger(settings), id=schedule.JOB_ID,
                   next_run_time=datetime.now(timezone.utc) - timedelta(minutes=30))
     setup.start(paused=True)
     return settings, setup
@@ -50,28 +58,116 @@ def app_was_down_at_the_cron_time(tmp_path, monkeypatch):
 @pytest.mark.faults
 def test_two_schedulers_missed_firing_runs_exactly_once(tmp_path, monkeypatch):
     settings, setup = app_was_down_at_the_cron_time(tmp_path, monkeypatch)
-    schedulers = [schedule.start_scheduler(settings, job="test_schedule:fire") for _ in range(2)]
+    schedulers = [schedule.start_scheduler(settings, recording_firing(settings)) for _ in range(2)]
     engine = make_engine(settings.db_url)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        with session(engine) as s:
-            runs = s.exec(select(TrainingRun)).all()
-        if runs and all(r.status != "running" for r in runs):
+        found = runs(engine)
+        if found and all(r.status != "running" for r in found):
             break
         time.sleep(0.2)
     time.sleep(1.5)  # give a second (wrong) firing time to show up
     for sch in schedulers:
         sch.shutdown()
     setup.shutdown()
-    with session(engine) as s:
-        runs = s.exec(select(TrainingRun)).all()
-    assert len(runs) == 1 and runs[0].status == "succeeded"
-    assert runs[0].slot == schedule.slot_for(settings, datetime.now(timezone.utc))
+    found = runs(engine)
+    assert len(found) == 1 and found[0].status == "succeeded"
+    assert found[0].slot == schedule.slot_for(settings, datetime.now(timezone.utc))
 
 
 def test_retrain_now_refuses_while_a_cycle_runs(engine, settings):
     rid = cycle.claim(engine, "manual-1")
-    import pytest
+    with pytest.raises(cycle.CycleRunning, match=f"run {rid} is still running"):
+        schedule.start_now(engine, lambda r: None)
+    assert [r.id for r in runs(engine)] == [rid]  # the refused request left nothing behind
 
-    with pytest.raises(cycle.SlotTaken, match=f"run {rid} is still running"):
-        schedule.start_now(settings, engine, lambda r: None)
+
+@pytest.mark.faults
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_eight_concurrent_retrain_now_start_exactly_one_cycle(backend, settings, request):
+    """Check-then-claim would let several through; the partial unique index on running rows cannot."""
+    url = settings.db_url if backend == "sqlite" else request.getfixturevalue("pg_url")
+    migrate(url)
+    engine = make_engine(url)
+    release = threading.Event()
+    started, refused = [], []
+    barrier = threading.Barrier(8)
+
+    def cycle_in_progress(run_id):
+        release.wait(30)
+        cycle.update(engine, run_id, status="succeeded")
+
+    def press():
+        barrier.wait()
+        try:
+            started.append(schedule.start_now(engine, cycle_in_progress))
+        except cycle.CycleRunning as e:
+            refused.append(str(e))
+
+    threads = [threading.Thread(target=press) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(started) == 1 and len(refused) == 7, (started, refused)
+    assert all(f"run {started[0]} is still running" in m for m in refused)
+    assert [(r.id, r.status) for r in runs(engine)] == [(started[0], "running")]
+    release.set()
+    wait_until_none_runs(engine)
+    assert schedule.start_now(engine, lambda r: cycle.update(engine, r, status="succeeded")) > started[0]  # free again
+    wait_until_none_runs(engine)
+    engine.dispose()
+
+
+def wait_until_none_runs(engine, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while any(r.status == "running" for r in runs(engine)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def test_a_cron_firing_during_a_manual_cycle_leaves_a_skipped_row(engine, settings):
+    manual = cycle.claim(engine, "manual-now")
+    assert recording_firing(settings)() is None
+    found = runs(engine)
+    assert [(r.id, r.status) for r in found][0] == (manual, "running")
+    skipped = found[1]
+    assert skipped.status == "skipped" and f"run {manual} is still running" in skipped.reason
+    assert skipped.slot == schedule.slot_for(settings, datetime.now(timezone.utc))
+    assert recording_firing(settings)() is None and len(runs(engine)) == 2  # the same slot is not recorded twice
+
+
+HOLDS_A_CYCLE = """
+import sys, time
+sys.path.insert(0, {root!r})
+from data_store.db import make_engine
+from retrain import cycle
+print(cycle.claim(make_engine({url!r}), "manual-killed"), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.faults
+def test_kill_9_mid_cycle_then_the_next_firing_runs(engine, settings):
+    """A process killed while its cycle runs leaves a running row; the next start-up or firing sees that
+    its process is gone, marks it failed with the reason, and runs."""
+    code = HOLDS_A_CYCLE.format(root=str(Path(__file__).resolve().parents[1]), url=settings.db_url)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+    dead = int(proc.stdout.readline())
+    with pytest.raises(cycle.CycleRunning):  # alive, it holds the database's one running cycle
+        schedule.start_now(engine, lambda r: None)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    assert cycle.recover(engine) == [dead]  # what `tuneloop serve` does when it starts
+    row = next(r for r in runs(engine) if r.id == dead)
+    assert row.status == "failed" and row.reason.startswith(cycle.STOPPED) and row.finished_at is not None
+
+    # Without a restart, the next firing recovers it too.
+    proc = subprocess.Popen([sys.executable, "-c", code.replace("manual-killed", "manual-killed-2")], stdout=subprocess.PIPE,
+                            text=True, env=os.environ.copy())
+    dead2 = int(proc.stdout.readline())
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    ran = recording_firing(settings)()
+    assert ran is not None and ran > dead2
+    statuses = {r.id: r.status for r in runs(engine)}
+    assert statuses[dead2] == "failed" and statuses[ran] == "succeeded"

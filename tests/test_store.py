@@ -4,7 +4,7 @@ import pytest
 from sqlalchemy import inspect, text
 from sqlmodel import func, select
 
-from data_store.db import make_engine, migrate, session
+from data_store.db import migrate, session
 from data_store.models import Conversation, Feedback, Message
 from feedback import record as feedback
 

@@ -5,7 +5,6 @@ import pytest
 from feedback import curation
 from feedback import record as feedback
 from retrain import export
-from test_store import add_turn
 
 QUESTIONS = ["What is the capital of France?", "Name a primary colour.", "How many legs does a spider have?",
              "What is two plus two?", "Which planet is the largest?", "What do bees make?"]

@@ -1,7 +1,6 @@
 """Alembic environment: the URL comes from the caller's Config (built from settings)."""
 
 from alembic import context
-from sqlalchemy import pool
 from sqlmodel import SQLModel
 
 from data_store import models  # noqa: F401  (registers the tables on SQLModel.metadata)

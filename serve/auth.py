@@ -1,0 +1,126 @@
+"""Who may curate: one check for the curation page, its buttons and every curator API.
+
+Whatever the operator configured is accepted everywhere, in the same way:
+- a curator login (`TUNELOOP_CURATORS`, user:password): HTTP Basic on the API, or the form at
+  /curate/login, which sets a signed session cookie that the page, its buttons and the API all take;
+- the admin token (`TUNELOOP_ADMIN_TOKEN`): `Authorization: Bearer <token>`, or the form with user
+  `admin` and the token as its password.
+The CLI on the service's machine acts through the app with a local token that lives in
+DATA_DIR/cli-token (mode 0600): whoever can read the data directory can already change the database.
+With neither logins nor a token configured, curation is open (the service binds loopback by default).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Optional
+
+from fastapi import Request
+
+from settings import Settings
+
+COOKIE = "tuneloop_curator"
+SESSION_S = 12 * 3600
+ADMIN_USER = "admin"
+
+
+def _secret_file(path: Path) -> str:
+    """A random secret kept in a file only its owner reads; every process on the data directory shares it."""
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_urlsafe(32)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value)
+    try:
+        os.link(tmp, path)  # first writer wins; a concurrent start reads the winner's value
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return path.read_text().strip()
+
+
+def cli_token_path(settings: Settings) -> Path:
+    return settings.data_dir / "cli-token"
+
+
+def cli_token(settings: Settings) -> Optional[str]:
+    """The local token, for the CLI; None when no service has written one here."""
+    try:
+        return cli_token_path(settings).read_text().strip() or None
+    except (FileNotFoundError, PermissionError):
+        return None
+
+
+def _same(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+class CuratorAuth:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._key = _secret_file(settings.data_dir / "session-key").encode()
+        self._cli = _secret_file(cli_token_path(settings))
+
+    @property
+    def required(self) -> bool:
+        return bool(self.settings.curator_logins or self.settings.admin_token)
+
+    def login(self, user: str, password: str) -> Optional[str]:
+        """The curator a user name and password identify, or None."""
+        ok = None
+        for name, expected in self.settings.curator_logins:
+            if _same(user, name) and _same(password, expected):
+                ok = name
+        if self.settings.admin_token and _same(user, ADMIN_USER) and _same(password, self.settings.admin_token):
+            ok = ADMIN_USER
+        return ok
+
+    def _bearer(self, token: str) -> Optional[str]:
+        if self.settings.admin_token and _same(token, self.settings.admin_token):
+            return ADMIN_USER
+        return "cli" if _same(token, self._cli) else None
+
+    def session_cookie(self, user: str) -> str:
+        payload = f"{user}|{int(time.time()) + SESSION_S}"
+        return f"{payload}|{self._sign(payload)}"
+
+    def _sign(self, payload: str) -> str:
+        return hmac.new(self._key, payload.encode(), hashlib.sha256).hexdigest()
+
+    def _from_cookie(self, value: str) -> Optional[str]:
+        user, _, rest = value.partition("|")
+        expires, _, sig = rest.partition("|")
+        if not sig or not _same(sig, self._sign(f"{user}|{expires}")) or not expires.isdigit() or int(expires) < time.time():
+            return None
+        # A login removed from the settings ends its sessions at the next restart.
+        return user if user in {n for n, _ in self.settings.curator_logins} or (user == ADMIN_USER and self.settings.admin_token) else None
+
+    def curator(self, request: Request) -> Optional[str]:
+        """The curator this request carries credentials for (header or session cookie), or None.
+        With nothing configured everyone curates, as `open`."""
+        if not self.required:
+            return "open"
+        header = request.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer" and value:
+            return self._bearer(value.strip())
+        if scheme.lower() == "basic" and value:
+            try:
+                user, _, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+            except (ValueError, UnicodeDecodeError):
+                return None
+            return self.login(user, password)
+        cookie = request.cookies.get(COOKIE)
+        return self._from_cookie(cookie) if cookie else None
