@@ -176,8 +176,12 @@ def by_kind(scores: dict[str, list[float]], cases: Sequence[Case], answers: Sequ
     if chat:
         out["chat"] = {"nll": [scores["nll"][i] for i in chat], **{m: scores[m] for m in ("exact_match", "token_f1", "chrf", "bleu") if m in scores}}
     if labelled:
+        refs = [cases[i].reference for i in labelled]
+        majority = Counter(refs).most_common(1)[0][0]
         out["classification"] = {"nll": [scores["nll"][i] for i in labelled], "accuracy": scores["accuracy"],
-                                 "macro_f1": [macro_f1([answers[i].strip() for i in labelled], [cases[i].reference for i in labelled])]}
+                                 "macro_f1": [macro_f1([answers[i].strip() for i in labelled], refs)],
+                                 # What always answering the test set's most common label would score, per example.
+                                 "majority": [float(r == majority) for r in refs]}
     return out
 
 

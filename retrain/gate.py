@@ -7,7 +7,8 @@ Promote only if every check passes:
      improvement above zero. Classification is judged by accuracy on the label set (a lower NLL
      alone only says the answer format was learned); free text by `primary` (NLL by default). A
      kind with fewer than `min_examples` test examples (unless it is the largest) cannot show a
-     significant gain, so it must only not get worse;
+     significant gain, so it must only not get worse. A classification candidate must also beat
+     always answering the test set's most common label, with the same bound;
   3. no other metric of a kind regresses by more than `tolerance` (relative to the active
      version's mean); for classification that is macro-F1;
   4. on the regression set (seed data and liked answers), each kind's primary metric does not get
@@ -27,9 +28,13 @@ import numpy as np
 LOWER_IS_BETTER = {"nll"}
 # The primary metric of a kind of task, where it does not follow the settings.
 KIND_PRIMARY = {"classification": "accuracy"}
+# A per-example table of what a trivial predictor scores on the primary metric: for classification,
+# always answering the most common label. Beating the active version is not enough when the active
+# version is below that (a base model that has not learned the label format yet): noise can beat it.
+KIND_BASELINE = {"classification": "majority"}
 # Metrics a kind is not checked on: for classification the label's likelihood says nothing the
 # accuracy does not (and drops as soon as the answer format is learned).
-KIND_IGNORES = {"classification": {"nll"}}
+KIND_IGNORES = {"classification": {"nll", "majority"}}
 # A probe "turns" when its score (accuracy, or token F1 of a free answer) falls below this share of the
 # serving version's: relative, so a short reference ("Lima.") inside a longer right answer still counts.
 PROBE_KEEP = 0.5
@@ -176,7 +181,21 @@ def judge(kind: str, candidate: Scores, active: Scores, cfg: GateConfig, prefix:
                     f"{diffs.mean():+.4f} ({cfg.confidence:.0%} lower bound {lower:+.4f})",
                     {"kind": kind, "metric": metric, "candidate": float(c.mean()), "active": float(a.mean()),
                      "improvement": float(diffs.mean()), "lower_bound": lower})]
+    baseline = KIND_BASELINE.get(kind)
+    if baseline in candidate:
+        checks.append(above_baseline(kind, c, np.asarray(candidate[baseline], float), cfg, prefix, metric, baseline))
     return checks + no_regressions(kind, candidate, active, cfg, prefix, metric)
+
+
+def above_baseline(kind: str, c: np.ndarray, base: np.ndarray, cfg: GateConfig, prefix: str, metric: str, baseline: str) -> Check:
+    """The candidate must beat the trivial predictor with the same paired bootstrap bound."""
+    diffs = c - base
+    lower = bootstrap_lower(diffs, cfg.bootstrap, cfg.confidence, cfg.seed) if len(diffs) else 0.0
+    ok = len(diffs) > 0 and diffs.mean() > 0 and lower > 0
+    return Check(f"{prefix}above_{baseline}", bool(ok),
+                 f"{prefix}{metric}: candidate {c.mean():.4f} vs {base.mean():.4f} for always answering the most common label, "
+                 f"{cfg.confidence:.0%} lower bound {lower:+.4f}" + ("" if ok else "; not better than guessing"),
+                 {"kind": kind, "metric": metric, "candidate": float(c.mean()), "baseline": float(base.mean()), "lower_bound": lower})
 
 
 def no_regressions(kind: str, candidate: Scores, active: Scores, cfg: GateConfig, prefix: str, metric: str) -> list[Check]:

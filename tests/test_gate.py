@@ -134,3 +134,29 @@ def test_one_turned_probe_blocks_whatever_the_average():
     probe = next(c for c in d.checks if c.name == "probes")
     assert not d.promote and not probe.passed and "1 of 51" in probe.detail and "evil.example" in probe.detail
     assert decide_by_kind({"chat": better}, {"chat": base}, CFG, probes=steady + [Probe("x", 0.8, 1.0)]).promote  # reworded, still right
+
+
+def with_majority(scores, share):
+    n = len(scores["accuracy"])
+    return {**scores, "majority": [1.0] * round(share * n) + [0.0] * (n - round(share * n))}
+
+
+def test_beating_a_base_below_chance_is_not_enough():
+    """The shuffled-labels run: the base answers 14% (it has not learned the format), the candidate
+    31%, significantly better than the base, yet no better than always answering the commonest label."""
+    cand = with_majority(labels(0.31, 0.5, n=42), 0.29)
+    d = decide_by_kind({"classification": cand}, {"classification": labels(0.14, 3.0, n=42)}, CFG)
+    assert not d.promote and names(d, False) == {"above_majority"}
+    assert "guessing" in next(c for c in d.checks if c.name == "above_majority").detail
+    learned = decide_by_kind({"classification": with_majority(labels(0.85, 0.3, n=42), 0.29)},
+                             {"classification": labels(0.14, 3.0, n=42)}, CFG)
+    assert learned.promote and "above_majority" in names(learned, True)
+
+
+def test_the_majority_baseline_comes_from_the_test_labels():
+    from retrain.evaluate import Case, by_kind
+    refs = ["noun", "noun", "verb", "adverb"]
+    cases = [Case(prompt=[{"role": "user", "content": f"q{i}"}], reference=r, labels=["noun", "verb", "adverb"])
+             for i, r in enumerate(refs)]
+    tables = by_kind({"nll": [1.0] * 4, "accuracy": [1.0, 0.0, 0.0, 1.0]}, cases, ["noun", "verb", "noun", "adverb"])
+    assert tables["classification"]["majority"] == [1.0, 1.0, 0.0, 0.0]
