@@ -26,6 +26,8 @@ app.add_typer(model_cli, name="model")
 data_cli = typer.Typer(help="Curated datasets: import seed data, export training files.", no_args_is_help=True)
 app.add_typer(adapters_cli, name="adapters")
 app.add_typer(data_cli, name="data")
+keys_cli = typer.Typer(help="API keys for chat and feedback clients (stored hashed).", no_args_is_help=True)
+app.add_typer(keys_cli, name="keys")
 
 
 def load_settings(**overrides):
@@ -224,6 +226,41 @@ def data_import(file: Path,
     for warning in report.warnings:
         typer.echo(f"warning: {warning}", err=True)
     typer.echo(json.dumps({k: v for k, v in vars(report).items() if k != "invalid"} | {"invalid": len(report.invalid)}, indent=1))
+
+
+@keys_cli.command("issue")
+def keys_issue(owner: str = typer.Argument(..., help="The identity the key acts as (author of its chats and feedback)."),
+               label: str = typer.Option("", help="What the key is for, to tell keys apart.")) -> None:
+    """Issue an API key; it is printed once (only its hash is stored)."""
+    from serve import identity
+
+    engine = open_store(load_settings())
+    try:
+        issued = identity.issue_key(engine, owner, label, by="cli")
+    except identity.ApiKeyError as e:
+        fail(str(e))
+    typer.echo(f"key {issued.id} for {issued.owner}: {issued.key}\n(send it as 'Authorization: Bearer <key>'; it is not shown again)")
+
+
+@keys_cli.command("list")
+def keys_list() -> None:
+    from serve import identity
+
+    for k in identity.list_keys(open_store(load_settings())):
+        state = f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "active"
+        typer.echo(f"{k.id:>4}  {k.owner:<24} {state:<24} {k.label}")
+
+
+@keys_cli.command("revoke")
+def keys_revoke(key_id: int) -> None:
+    """Revoke a key at once: its next request gets 401."""
+    from serve import identity
+
+    try:
+        row = identity.revoke_key(open_store(load_settings()), key_id)
+    except identity.ApiKeyError as e:
+        fail(str(e))
+    typer.echo(f"key {row.id} of {row.owner} is revoked")
 
 
 @data_cli.command("labels")

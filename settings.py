@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     auto_approve_thumbs_up: bool = Field(False, description="Approve thumbs-up feedback without review.")
     trusted_authors: str = Field("", description="Comma-separated authors whose feedback is approved without review.")
     curators: str = Field("", description="Comma-separated `user:password` logins for the curation page and API; empty leaves them open (loopback only!).")
+    users: str = Field("", description="Comma-separated `user:password` chat accounts (the chat's /login form, or HTTP Basic on the API).")
+    chat_login_required: bool = Field(False, description="Refuse chat and feedback without an identity (an account, an API key or the proxy header); off: such users are `anonymous:<session>`.")
+    trusted_proxies: str = Field("", description="Comma-separated addresses or networks of reverse proxies whose user header is believed; from anywhere else it is ignored.")
+    proxy_user_header: str = Field("X-Forwarded-User", description="The header a trusted reverse proxy puts the logged-in user in.")
     train_preference_stage: Literal["none", "dpo", "kto"] = Field(
         "none", description="Optional second stage on the same adapter: DPO on correction pairs, or KTO on thumbs.")
     retrain_min_new_examples: int = Field(10, ge=0, description="A cycle is skipped (with the reason recorded) when fewer new examples were approved since the last one.")
@@ -155,6 +159,17 @@ class Settings(BaseSettings):
         if any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
             raise ValueError("TUNELOOP_CURATORS must look like 'alice:password,bob:password'")
         return [(u.strip(), pw) for u, pw in pairs]
+
+    @property
+    def user_logins(self) -> list[tuple[str, str]]:
+        pairs = [p.split(":", 1) for p in self.users.split(",") if p.strip()]
+        if any(len(p) != 2 or not p[0].strip() or not p[1] for p in pairs):
+            raise ValueError("TUNELOOP_USERS must look like 'alice:password,bob:password'")
+        return [(u.strip(), pw) for u, pw in pairs]
+
+    @property
+    def proxies(self) -> list[str]:
+        return [p.strip() for p in self.trusted_proxies.split(",") if p.strip()]
 
     @property
     def trusted(self) -> set[str]:

@@ -33,6 +33,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+OWNER = "bench-client"  # every answer is this API client's, so it may rate them (the server checks)
+
+
 def seed_messages(engine, n: int) -> list[int]:
     from data_store.db import session
     from data_store.models import Conversation, Message
@@ -40,7 +43,7 @@ def seed_messages(engine, n: int) -> list[int]:
     ids = []
     with session(engine) as s:
         for i in range(n):
-            c = Conversation(source="api")
+            c = Conversation(source="api", author=OWNER)
             s.add(c)
             s.flush()
             s.add(Message(conversation_id=c.id, position=0, role="user", content=f"question {i}"))
@@ -51,7 +54,7 @@ def seed_messages(engine, n: int) -> list[int]:
     return ids
 
 
-async def post_all(base: str, ids: list[int], clients: int) -> tuple[float, list[float], int]:
+async def post_all(base: str, ids: list[int], clients: int, key: str) -> tuple[float, list[float], int]:
     import httpx
 
     queue = list(ids)
@@ -64,12 +67,12 @@ async def post_all(base: str, ids: list[int], clients: int) -> tuple[float, list
             mid = queue.pop()
             t = time.perf_counter()
             r = await client.post("/api/feedback", json={"message_id": mid, "rating": "down",
-                                                         "correction": f"better answer {mid}", "author": f"u{mid % 50}"})
+                                                         "correction": f"better answer {mid}"})
             latencies.append((time.perf_counter() - t) * 1000)
             failed += r.status_code != 200
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits, headers={"Authorization": f"Bearer {key}"}) as client:
         started = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(clients)))
         return time.perf_counter() - started, latencies, failed
@@ -116,6 +119,9 @@ def main() -> None:
         migrate(s.db_url)
         engine = make_engine(s.db_url)
         ids = seed_messages(engine, args.posts * len(LEVELS))
+        from serve.identity import issue_key
+
+        key = issue_key(engine, OWNER, "ingest benchmark", by="bench").key
         app = subprocess.Popen([str(Path(sys.executable).parent / "tuneloop"), "serve"], env=env, cwd=tmp,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         base = f"http://127.0.0.1:{port}"
@@ -124,7 +130,7 @@ def main() -> None:
             levels = []
             for i, clients in enumerate(LEVELS):
                 batch = ids[i * args.posts:(i + 1) * args.posts]
-                wall, lat, failed = asyncio.run(post_all(base, batch, clients))
+                wall, lat, failed = asyncio.run(post_all(base, batch, clients, key))
                 levels.append({"clients": clients, "posts": len(batch), "failed": failed,
                                "per_s": round(len(batch) / wall, 1), "p50_ms": round(percentile(lat, 0.50), 1),
                                "p99_ms": round(percentile(lat, 0.99), 1)})

@@ -54,14 +54,13 @@ def normalize(answer: str) -> str:
     return text.strip()
 
 
-def ask(client, prompt: str, max_tokens: int, user: str | None = None) -> dict:
-    """One chat completion through the app; retried on 503 (vLLM restarting). Returns its answer and ids."""
+def ask(client, prompt: str, max_tokens: int, auth: tuple[str, str] | None = None) -> dict:
+    """One chat completion through the app, as `auth` (a TUNELOOP_USERS account) or an anonymous
+    session; retried on 503 (vLLM restarting). Returns its answer and ids."""
     body = {"messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": max_tokens}
-    if user:
-        body["user"] = user
     for attempt in range(3):
         try:
-            r = client.post("/v1/chat/completions", json=body)
+            r = client.post("/v1/chat/completions", json=body, auth=auth)
         except Exception as e:  # a dropped connection counts as a failed answer after the retries
             status, error = None, repr(e)
         else:
@@ -209,11 +208,11 @@ def corrections(url: str, rows: list[dict]) -> dict:
     def one(i_row):
         i, row = i_row
         user = f"user{i % USERS}"
-        got = ask(c, row["text"], 16, user=user)
+        got = ask(c, row["text"], 16, auth=(user, f"pw-{user}"))
         if got["answer"] is None:
             return got, None
-        r = c.post("/api/feedback", json={"message_id": got["message_id"], "rating": "down",
-                                           "correction": row["label"], "author": user})
+        r = c.post("/api/feedback", json={"message_id": got["message_id"], "rating": "down", "correction": row["label"]},
+                   auth=(user, f"pw-{user}"))
         return got, r.status_code
 
     started = time.perf_counter()
@@ -243,7 +242,8 @@ def scenario(name: str) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"learning-{name}-") as tmpdir:
         tmp = Path(tmpdir)
         # The nightly job must not fire a cycle of its own mid-run: schedule it for New Year only.
-        extra = {"TUNELOOP_SCHEDULE": "0 0 1 1 *"} | ({"TUNELOOP_CURATION_AUTHOR_CAP": AUTHOR_CAP} if name == "corrections" else {})
+        extra = {"TUNELOOP_SCHEDULE": "0 0 1 1 *"} | ({"TUNELOOP_CURATION_AUTHOR_CAP": AUTHOR_CAP, "TUNELOOP_USERS": ",".join(
+            f"user{u}:pw-user{u}" for u in range(USERS))} if name == "corrections" else {})
         env = {**os.environ, "TUNELOOP_DATA_DIR": str(tmp / "data"), "TUNELOOP_DATABASE_URL": "",
                "TUNELOOP_PORT": str(free_port()), "TUNELOOP_VLLM_PORT": str(free_port()), **extra}
         result = {"scenario": name, "train_rows": len(train), "heldout_rows": len(heldout), "env": extra,

@@ -144,3 +144,16 @@ class LabelSet(SQLModel, table=True):
 
     label: str = Field(primary_key=True, max_length=200)
     source_ref: str = Field(max_length=300)
+
+
+class ApiKey(SQLModel, table=True):
+    """A key an API client sends as `Authorization: Bearer <key>`; it acts as `owner`. Only its hash
+    is stored, so the database does not hold usable keys."""
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    owner: str = Field(max_length=128, index=True)
+    label: str = Field(default="", max_length=200)
+    key_hash: str = Field(max_length=64, unique=True)
+    created_by: str = Field(max_length=128)
+    created_at: datetime = Field(default_factory=now)
+    revoked_at: Optional[datetime] = None

@@ -56,7 +56,10 @@ class QueueItem:
 
 
 def auto_approves(settings: Settings, fb: Feedback) -> bool:
-    """Pure policy: trusted authors, and (if enabled) plain thumbs-up, skip the queue."""
+    """Pure policy: trusted authors, and (if enabled) plain thumbs-up, skip the queue. Anonymous
+    sessions never do: anyone can open one."""
+    if fb.author.startswith("anonymous:"):
+        return False
     if fb.author in settings.trusted:
         return fb.rating is not None or fb.correction is not None
     return settings.auto_approve_thumbs_up and fb.rating == "up" and fb.correction is None

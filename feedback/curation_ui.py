@@ -130,4 +130,49 @@ def build(services: Services) -> gr.Blocks:
             reject_all.click(lambda *a: act_all("reject", *a), flt, [table, counts, result])
         with gr.Tab("Runs"):
             runs_ui.build(services, demo)
+        with gr.Tab("API keys"):
+            keys_tab(services, demo)
     return demo
+
+
+KEY_COLUMNS = ["id", "owner", "label", "created by", "created", "revoked"]
+
+
+def keys_tab(services: Services, demo: gr.Blocks) -> None:
+    """Issue and revoke the API keys chat clients use; a new key is shown once, only its hash is kept."""
+    from serve import identity
+
+    def rows():
+        return [[k.id, k.owner, k.label, k.created_by, f"{k.created_at:%Y-%m-%d %H:%M}",
+                 f"{k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else ""] for k in identity.list_keys(services.engine)]
+
+    def issue(owner: str, label: str, request: gr.Request):
+        try:
+            got = identity.issue_key(services.engine, owner, label, by=getattr(request, "username", None) or "open")
+        except identity.ApiKeyError as e:
+            raise gr.Error(str(e))
+        return rows(), got.key, f"Key {got.id} issued for **{got.owner}**. Copy it now: it is not shown again."
+
+    def revoke(key_id):
+        if key_id is None:
+            raise gr.Error("Enter the id of the key to revoke.")
+        try:
+            row = identity.revoke_key(services.engine, int(key_id))
+        except identity.ApiKeyError as e:
+            raise gr.Error(str(e))
+        return rows(), f"Key {row.id} of **{row.owner}** is revoked: its next request gets 401."
+
+    gr.Markdown("API clients send `Authorization: Bearer <key>`; their chats and feedback are the key owner's.")
+    with gr.Row():
+        owner = gr.Textbox(label="Owner (the identity the key acts as)", elem_id="key-owner")
+        label = gr.Textbox(label="Label", elem_id="key-label")
+        issue_btn = gr.Button("Issue key", variant="primary", elem_id="key-issue")
+    new_key = gr.Textbox(label="New key (shown once)", interactive=False, elem_id="key-new")
+    table = gr.Dataframe(headers=KEY_COLUMNS, interactive=False, elem_id="keys")
+    with gr.Row():
+        key_id = gr.Number(label="Key id", precision=0, elem_id="key-id")
+        revoke_btn = gr.Button("Revoke", variant="stop", elem_id="key-revoke")
+    note = gr.Markdown(elem_id="key-note")
+    issue_btn.click(issue, [owner, label], [table, new_key, note])
+    revoke_btn.click(revoke, [key_id], [table, note])
+    demo.load(rows, None, table)

@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
 from data_store.db import session
-from data_store.models import Feedback, Message
+from data_store.models import Conversation, Feedback, Message
 from data_store.text import unstorable
 from settings import Settings
 
@@ -45,7 +45,8 @@ def check(rating: Any, correction: Any, comment: Any, max_chars: int) -> None:
 
 
 def record(engine: Engine, settings: Settings, message_id: int, *, rating: Any = UNSET, correction: Any = UNSET,
-           comment: Any = UNSET, author: str = "anonymous") -> Feedback:
+           comment: Any = UNSET, author: str) -> Feedback:
+    """`author` is the identity the server established (serve/identity.py); it must own the conversation."""
     check(rating, correction, comment, settings.max_input_chars)
     for attempt in range(2):
         try:
@@ -61,8 +62,11 @@ def _upsert(engine: Engine, settings: Settings, message_id: int, rating: Any, co
     from feedback import curation  # curation builds on this module
     with session(engine) as s:
         msg = s.get(Message, message_id)
-        if msg is None:
-            raise FeedbackError(f"message {message_id} does not exist", status=404)
+        conv = s.get(Conversation, msg.conversation_id) if msg is not None else None
+        if conv is None or conv.author != author:
+            # The same answer whether the message is someone else's or does not exist: ids reveal nothing.
+            raise FeedbackError(f"message {message_id} is not in one of your conversations; "
+                                "rate and correct answers you were given", status=403)
         if msg.role != "assistant":
             raise FeedbackError(f"message {message_id} is a {msg.role} message; feedback is for assistant answers")
         fb = s.exec(select(Feedback).where(Feedback.message_id == message_id)).first()

@@ -22,7 +22,7 @@ from data_store.db import ping
 from feedback import curation
 from feedback import record as feedback
 from retrain.cycle import SlotTaken
-from serve import adapters
+from serve import adapters, identity
 from serve.chat import ChatInputError, Turn
 from serve.client import VLLMError, VLLMUnavailable
 from serve.services import Services
@@ -61,6 +61,7 @@ class ChatRequest(BaseModel):
     min_tokens: Optional[int] = Field(None, ge=0)
     ignore_eos: Optional[bool] = None
     n: int = Field(1, ge=1, le=1, description="one answer per request: each is stored as one message")
+    # OpenAI clients send it; the author stored is the identity the server established, never this.
     user: Optional[str] = Field(None, max_length=128)
 
     def params(self) -> dict[str, Any]:
@@ -77,7 +78,7 @@ class FeedbackRequest(BaseModel):
     rating: Optional[Literal["up", "down"]] = None
     correction: Optional[str] = None
     comment: Optional[str] = None
-    author: Optional[str] = Field(None, max_length=128)
+    author: Optional[Any] = Field(None, description="refused: the author is who you are logged in as")
 
 
 class ApproveRequest(BaseModel):
@@ -94,6 +95,12 @@ class BulkRequest(BaseModel):
     author: Optional[str] = None
     since: Optional[datetime] = None
     until: Optional[datetime] = None
+
+
+class KeyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    owner: str = Field(max_length=128)
+    label: str = Field("", max_length=200)
 
 
 class PromoteRequest(BaseModel):
@@ -139,6 +146,14 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _cur(_request: Request, exc: curation.CurationError):
         return error(exc.status, str(exc), "not_found" if exc.status == 404 else "invalid_request_error")
 
+    @app.exception_handler(identity.Unidentified)
+    async def _unidentified(_request: Request, exc: identity.Unidentified):
+        return error(401, str(exc), "unauthorized")
+
+    @app.exception_handler(identity.ApiKeyError)
+    async def _key(_request: Request, exc: identity.ApiKeyError):
+        return error(exc.status, str(exc), "not_found" if exc.status == 404 else "invalid_request_error")
+
     @app.exception_handler(adapters.AdapterError)
     async def _adapter(_request: Request, exc: adapters.AdapterError):
         return error(400, str(exc))
@@ -154,10 +169,13 @@ def router(services: Services) -> APIRouter:
         if services.auth.curator(request) is None:
             raise _Forbidden()
 
+    def who(request: Request) -> str:
+        return services.identities.identify(request)
+
     @api.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest):
+    async def chat_completions(req: ChatRequest, author: str = Depends(who)):
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        kw = dict(source="api", author=req.user or "api", params=req.params())
+        kw = dict(source="api", author=author, params=req.params())
         if not req.stream:
             turn: Turn = await run_in_threadpool(chat.complete, messages, **kw)
             return _completion(turn, services.chat.base_name)
@@ -167,12 +185,15 @@ def router(services: Services) -> APIRouter:
         return StreamingResponse(_sse(first, gen), media_type="text/event-stream")
 
     @api.post("/api/feedback")
-    async def post_feedback(req: FeedbackRequest):
+    async def post_feedback(req: FeedbackRequest, author: str = Depends(who)):
         given = req.model_dump(exclude_unset=True)
+        if "author" in given:
+            return error(400, f"author: the author is the identity you are logged in as ({author}); "
+                              "remove the field (log in, or use an API key, to act as someone)")
         fb = await run_in_threadpool(
             feedback.record, services.engine, settings, req.message_id,
             rating=given.get("rating", feedback.UNSET), correction=given.get("correction", feedback.UNSET),
-            comment=given.get("comment", feedback.UNSET), author=req.author or "api",
+            comment=given.get("comment", feedback.UNSET), author=author,
         )
         return fb.model_dump(mode="json")
 
@@ -244,6 +265,22 @@ def router(services: Services) -> APIRouter:
 
         found = await run_in_threadpool(get_run, services.engine, run_id)
         return found if found is not None else error(404, f"run {run_id} does not exist", "not_found")
+
+    @curate.get("/keys")
+    async def keys():
+        rows = await run_in_threadpool(identity.list_keys, services.engine)
+        return {"keys": [r.model_dump(mode="json", exclude={"key_hash"}) for r in rows]}
+
+    @curate.post("/keys")
+    async def issue(req: KeyRequest, request: Request):
+        by = services.auth.curator(request) or "open"
+        issued = await run_in_threadpool(identity.issue_key, services.engine, req.owner, req.label, by)
+        return asdict(issued)
+
+    @curate.delete("/keys/{key_id}")
+    async def revoke(key_id: int):
+        row = await run_in_threadpool(identity.revoke_key, services.engine, key_id)
+        return {"id": row.id, "owner": row.owner, "revoked_at": row.revoked_at.isoformat()}
 
     api.include_router(curate)
 

@@ -67,10 +67,34 @@ def _same(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
 
 
-class CuratorAuth:
+class Signer:
+    """Signed, expiring cookie values. The purpose is signed too, so a chat user's session cookie can
+    never pass as a curator's, even under the same name."""
+
     def __init__(self, settings: Settings):
-        self.settings = settings
         self._key = _secret_file(settings.data_dir / "session-key").encode()
+
+    def sign(self, purpose: str, value: str, ttl_s: int) -> str:
+        expires = str(int(time.time()) + ttl_s)
+        return f"{value}|{expires}|{self._mac(purpose, value, expires)}"
+
+    def unsign(self, purpose: str, token: str) -> Optional[str]:
+        parts = token.rsplit("|", 2)
+        if len(parts) != 3:
+            return None
+        value, expires, sig = parts
+        if not _same(sig, self._mac(purpose, value, expires)) or not expires.isdigit() or int(expires) < time.time():
+            return None
+        return value
+
+    def _mac(self, purpose: str, value: str, expires: str) -> str:
+        return hmac.new(self._key, f"{purpose}|{value}|{expires}".encode(), hashlib.sha256).hexdigest()
+
+
+class CuratorAuth:
+    def __init__(self, settings: Settings, signer: Optional[Signer] = None):
+        self.settings = settings
+        self.signer = signer or Signer(settings)
         self._cli = _secret_file(cli_token_path(settings))
 
     @property
@@ -93,19 +117,14 @@ class CuratorAuth:
         return "cli" if _same(token, self._cli) else None
 
     def session_cookie(self, user: str) -> str:
-        payload = f"{user}|{int(time.time()) + SESSION_S}"
-        return f"{payload}|{self._sign(payload)}"
-
-    def _sign(self, payload: str) -> str:
-        return hmac.new(self._key, payload.encode(), hashlib.sha256).hexdigest()
+        return self.signer.sign("curator", user, SESSION_S)
 
     def _from_cookie(self, value: str) -> Optional[str]:
-        user, _, rest = value.partition("|")
-        expires, _, sig = rest.partition("|")
-        if not sig or not _same(sig, self._sign(f"{user}|{expires}")) or not expires.isdigit() or int(expires) < time.time():
-            return None
+        user = self.signer.unsign("curator", value)
         # A login removed from the settings ends its sessions at the next restart.
-        return user if user in {n for n, _ in self.settings.curator_logins} or (user == ADMIN_USER and self.settings.admin_token) else None
+        if user is not None and (user in {n for n, _ in self.settings.curator_logins} or (user == ADMIN_USER and self.settings.admin_token)):
+            return user
+        return None
 
     def curator(self, request: Request) -> Optional[str]:
         """The curator this request carries credentials for (header or session cookie), or None.

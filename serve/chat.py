@@ -84,7 +84,7 @@ class ChatService:
         return adapters.active(self.engine)
 
     def stream(self, messages: list[dict[str, str]], *, conversation_id: Optional[int] = None,
-               store_from: int = 0, source: str = "api", author: str = "anonymous",
+               store_from: int = 0, source: str = "api", author: str,
                params: Optional[dict[str, Any]] = None) -> Iterator[dict[str, Any] | Turn]:
         """Yield vLLM's chunks as they come, then one Turn once the answer is stored.
 
@@ -139,8 +139,9 @@ class ChatService:
                 conversation_id = conv.id
                 position = 0
             else:
-                if s.get(Conversation, conversation_id) is None:
-                    raise ChatInputError(f"conversation {conversation_id} does not exist")
+                conv = s.get(Conversation, conversation_id)
+                if conv is None or conv.author != author[:128]:
+                    raise ChatInputError(f"conversation {conversation_id} is not one of yours; start a new one")
                 position = s.exec(select(func.count()).select_from(Message).where(Message.conversation_id == conversation_id)).one()
             for m in new:
                 s.add(Message(conversation_id=conversation_id, position=position, role=m["role"], content=m["content"]))

@@ -32,9 +32,11 @@ def serving_label(adapter: Optional[str], base_name: str) -> str:
 
 
 def _author(request: Optional[gr.Request]) -> str:
-    if request is None:
-        return "ui"
-    return getattr(request, "username", None) or f"ui-{(request.session_hash or 'anon')[:8]}"
+    """The identity the server established for this browser (serve/identity.py, Gradio's auth_dependency)."""
+    user = getattr(request, "username", None) if request is not None else None
+    if not user:
+        raise gr.Error("Your session has no identity; reload the page (or log in).")
+    return user
 
 
 def build(services: Services) -> gr.Blocks:
@@ -42,6 +44,13 @@ def build(services: Services) -> gr.Blocks:
 
     def current_label() -> str:
         return serving_label(chat.active(), chat.base_name)
+
+    def whoami(request: gr.Request) -> str:
+        user = getattr(request, "username", None) or "?"
+        if user.startswith("anonymous:"):
+            return "You are not logged in: your feedback is kept under this browser's session." + (
+                " [Log in](/login)" if settings.user_logins else "")
+        return f"Logged in as **{user}** · [Log out](/logout)"
 
     def respond(text: str, history: list[dict], state: dict, request: gr.Request):
         if not (text or "").strip():
@@ -121,6 +130,8 @@ def build(services: Services) -> gr.Blocks:
         chatbot.like(on_like, [state], [status])
         chatbot.edit(on_edit, [chatbot, state], [chatbot, status])
         save.click(on_comment, [comment, state], [comment, status])
+        who = gr.Markdown(elem_id="who")
         new.click(lambda: ([], dict(NEW_STATE), ""), None, [chatbot, state, status])
         demo.load(current_label, None, serving)
+        demo.load(whoami, None, who)
     return demo

@@ -12,6 +12,7 @@ from retrain import cycle, schedule
 from retrain.service import run_by_id
 from serve import adapters, zero_adapter
 from serve.auth import CuratorAuth
+from serve.identity import Identities
 from serve.chat import ChatService
 from serve.client import VLLMClient
 from serve.vllm_server import VLLMSupervisor
@@ -29,10 +30,13 @@ class Services:
     base_model: str  # what vLLM loaded: a directory or a hub id
     supervisor: Optional[VLLMSupervisor] = None
     auth: Optional[CuratorAuth] = None
+    identities: Optional[Identities] = None
 
     def __post_init__(self) -> None:
         if self.auth is None:
             self.auth = CuratorAuth(self.settings)
+        if self.identities is None:
+            self.identities = Identities(self.settings, self.engine, self.auth)
 
     def promote(self, name: str) -> None:
         adapters.promote(self.engine, self.vllm, self.settings, name, drain=self.chat.drain)

@@ -10,18 +10,25 @@ from fastapi import FastAPI, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from feedback import curation_ui
-from serve import api, auth, chat_ui
+from serve import api, auth, chat_ui, identity
 from serve.services import Services
 
-LOGIN_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>tuneloop: curator login</title></head>
+LOGIN_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>tuneloop: {title}</title></head>
 <body style="font-family:sans-serif;max-width:24em;margin:4em auto">
-<h2>Curator login</h2><p style="color:#b00">{error}</p>
-<form method="post" action="/curate/login">
+<h2>{title}</h2><p style="color:#b00">{error}</p>
+<form method="post" action="{action}">
 <label>User <input name="username" autocomplete="username" autofocus></label><br><br>
 <label>Password <input name="password" type="password" autocomplete="current-password"></label><br><br>
 <button type="submit" id="login">Log in</button></form>
-<p style="color:#666">Curator logins are set in TUNELOOP_CURATORS; with the admin token, the user is <code>admin</code>.</p>
+<p style="color:#666">{hint}</p>
 </body></html>"""
+CURATOR_LOGIN = dict(title="Curator login", action="/curate/login",
+                     hint="Curator logins are set in TUNELOOP_CURATORS; with the admin token, the user is <code>admin</code>.")
+CHAT_LOGIN = dict(title="Log in to chat", action="/login", hint="Chat accounts are set in TUNELOOP_USERS.")
+
+
+def _page(kind: dict, error: str = "", status: int = 200) -> HTMLResponse:
+    return HTMLResponse(LOGIN_PAGE.format(error=html.escape(error), **kind), status_code=status)
 
 
 def build_app(services: Services) -> FastAPI:
@@ -34,13 +41,13 @@ def build_app(services: Services) -> FastAPI:
     # Routes on this app come before the mounts, so these answer before Gradio's own /curate/login.
     @app.get("/curate/login", include_in_schema=False)
     async def login_form():
-        return HTMLResponse(LOGIN_PAGE.format(error=""))
+        return _page(CURATOR_LOGIN)
 
     @app.post("/curate/login", include_in_schema=False)
     async def login(username: str = Form(""), password: str = Form("")):
         user = curators.login(username, password)
         if user is None:
-            return HTMLResponse(LOGIN_PAGE.format(error=html.escape("Wrong user or password.")), status_code=401)
+            return _page(CURATOR_LOGIN, "Wrong user or password.", 401)
         response = RedirectResponse("/curate/", status_code=303)
         # Strict: a page on another site cannot make the browser send it with a forged POST.
         response.set_cookie(auth.COOKIE, curators.session_cookie(user), max_age=auth.SESSION_S, httponly=True,
@@ -51,6 +58,48 @@ def build_app(services: Services) -> FastAPI:
     async def logout():
         response = RedirectResponse("/curate/login", status_code=303)
         response.delete_cookie(auth.COOKIE, path="/")
+        return response
+
+    people = services.identities
+
+    @app.get("/login", include_in_schema=False)
+    async def chat_login_form():
+        return _page(CHAT_LOGIN)
+
+    @app.post("/login", include_in_schema=False)
+    async def chat_login(username: str = Form(""), password: str = Form("")):
+        user = people.login(username, password)
+        if user is None:
+            return _page(CHAT_LOGIN, "Wrong user or password.", 401)
+        response = RedirectResponse("/", status_code=303)
+        response.set_cookie(identity.USER_COOKIE, people.session_cookie(user), max_age=identity.USER_SESSION_S,
+                            httponly=True, samesite="strict", path="/")
+        return response
+
+    @app.get("/logout", include_in_schema=False)
+    async def chat_logout():
+        response = RedirectResponse("/login" if services.settings.user_logins else "/", status_code=303)
+        response.delete_cookie(identity.USER_COOKIE, path="/")
+        return response
+
+    @app.middleware("http")
+    async def chat_page(request: Request, call_next):
+        # With login required, a browser without an identity is sent to the login form.
+        if request.method == "GET" and request.url.path == "/" and services.settings.chat_login_required \
+                and people.gradio_user(request) is None:
+            return RedirectResponse("/login", status_code=303)
+        return await call_next(request)
+
+    @app.middleware("http")
+    async def anonymous_session(request: Request, call_next):
+        # Every client without a valid session cookie gets one; the request already counts as it.
+        if people.anonymous_session(request) is not None:
+            return await call_next(request)
+        sid, cookie = people.new_anonymous_session()
+        setattr(request.state, identity.SESSION_STATE, sid)
+        response = await call_next(request)
+        response.set_cookie(identity.SESSION_COOKIE, cookie, max_age=identity.ANON_SESSION_S, httponly=True,
+                            samesite="lax", path="/")
         return response
 
     @app.middleware("http")
@@ -70,4 +119,5 @@ def build_app(services: Services) -> FastAPI:
     demo = chat_ui.build(services)
     # Streaming chats run side by side; vLLM batches them.
     demo.queue(default_concurrency_limit=64)
-    return gr.mount_gradio_app(app, demo, path="/")
+    # Every chat event carries the server's identity of its sender (gr.Request.username).
+    return gr.mount_gradio_app(app, demo, path="/", auth_dependency=people.gradio_user)

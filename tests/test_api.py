@@ -15,6 +15,7 @@ from test_store import add_turn
 
 @pytest.fixture
 def client(settings, engine):
+    settings.users = "alice:pw,bob:pw2"
     vllm = VLLMClient(settings.served_vllm_url)
     services = Services(settings, engine, vllm, ChatService(settings, engine, vllm, "tiny"), "tiny")
     with TestClient(build_app(services)) as c:
@@ -60,16 +61,17 @@ def test_not_json_is_400(client):
 
 
 def test_feedback_endpoint(client, engine):
-    mid = add_turn(engine)
-    r = client.post("/api/feedback", json={"message_id": mid, "rating": "down", "correction": "Paris.", "comment": "short"})
-    assert r.status_code == 200 and r.json()["rating"] == "down"
-    r = client.post("/api/feedback", json={"message_id": mid, "rating": "up"})
+    mid = add_turn(engine, author="alice")
+    r = client.post("/api/feedback", json={"message_id": mid, "rating": "down", "correction": "Paris.", "comment": "short"},
+                    auth=("alice", "pw"))
+    assert r.status_code == 200 and r.json()["rating"] == "down" and r.json()["author"] == "alice"
+    r = client.post("/api/feedback", json={"message_id": mid, "rating": "up"}, auth=("alice", "pw"))
     assert r.json()["correction"] == "Paris."  # absent fields are left alone
     assert rows(engine, Feedback) == 1
 
 
 @pytest.mark.parametrize("body,status", [
-    ({"message_id": 424242, "rating": "up"}, 404),
+    ({"message_id": 424242, "rating": "up"}, 403),
     ({"message_id": "abc", "rating": "up"}, 400),
     ({"rating": "up"}, 400),
     ({"message_id": 1, "rating": "sideways"}, 400),
@@ -77,7 +79,7 @@ def test_feedback_endpoint(client, engine):
 ])
 def test_bad_feedback_requests(client, engine, body, status):
     add_turn(engine)
-    r = client.post("/api/feedback", json=body)
+    r = client.post("/api/feedback", json=body, auth=("alice", "pw"))
     assert r.status_code == status
     assert r.json()["error"]["message"]
     assert rows(engine, Feedback) == 0

@@ -22,7 +22,7 @@ def examples(engine):
 
 
 def corrected(engine, settings, author="alice", answer="Lyon is the capital.", question=None):
-    mid = add_turn(engine, answer)
+    mid = add_turn(engine, answer, author=author)
     return feedback.record(engine, settings, mid, rating="down", correction="Paris is the capital of France.", author=author)
 
 
@@ -49,7 +49,7 @@ def test_curator_edits_correction_before_approving(engine, settings):
 def test_reject_and_change_withdraw_the_example(engine, settings):
     fb = corrected(engine, settings)
     curation.approve(engine, settings, fb.id)
-    feedback.record(engine, settings, fb.message_id, correction="Paris!")  # the user changed it
+    feedback.record(engine, settings, fb.message_id, correction="Paris!", author="alice")  # the user changed it
     assert examples(engine) == [] and feedback.get(engine, fb.message_id).status == "pending"
     curation.approve(engine, settings, fb.id)
     curation.reject(engine, fb.id)
@@ -58,14 +58,14 @@ def test_reject_and_change_withdraw_the_example(engine, settings):
 
 def test_comment_only_feedback_cannot_be_approved(engine, settings):
     mid = add_turn(engine)
-    fb = feedback.record(engine, settings, mid, comment="hmm")
+    fb = feedback.record(engine, settings, mid, comment="hmm", author="alice")
     with pytest.raises(curation.CurationError, match="nothing to learn"):
         curation.approve(engine, settings, fb.id)
 
 
 def test_filters(engine, settings):
     a = corrected(engine, settings, author="alice")
-    b = feedback.record(engine, settings, add_turn(engine), rating="up", author="bob")
+    b = feedback.record(engine, settings, add_turn(engine, author="bob"), rating="up", author="bob")
     assert [i.feedback_id for i in curation.queue(engine, curation.Filters(author="bob"))] == [b.id]
     assert [i.feedback_id for i in curation.queue(engine, curation.Filters(rating="down"))] == [a.id]
     assert len(curation.queue(engine, curation.Filters(adapter="base"))) == 2
@@ -88,11 +88,16 @@ def test_bulk_approve_on_filter_respects_author_cap(engine, settings):
 def test_auto_approval_policy(engine, settings):
     settings.auto_approve_thumbs_up = True
     settings.trusted_authors = "carol"
-    up = feedback.record(engine, settings, add_turn(engine), rating="up", author="dave")
-    down = feedback.record(engine, settings, add_turn(engine), rating="down", author="dave")
+    up = feedback.record(engine, settings, add_turn(engine, author="dave"), rating="up", author="dave")
+    down = feedback.record(engine, settings, add_turn(engine, author="dave"), rating="down", author="dave")
     trusted = corrected(engine, settings, author="carol")
     assert (up.status, down.status, trusted.status) == ("approved", "pending", "approved")
     assert len(examples(engine)) == 2
+    # An anonymous session is never auto-approved, even if an operator lists it as trusted.
+    settings.trusted_authors = "carol,anonymous:s1"
+    anon = [feedback.record(engine, settings, add_turn(engine, author="anonymous:s1"), author="anonymous:s1", **kw)
+            for kw in ({"rating": "up"}, {"rating": "down", "correction": "Paris."})]
+    assert [a.status for a in anon] == ["pending", "pending"] and len(examples(engine)) == 2
 
 
 def test_approved_feedback_exports_sft_and_dpo(engine, settings, tmp_path):
@@ -135,7 +140,7 @@ def test_a_correction_that_is_a_declared_label_makes_a_classification_example(en
     fb = feedback.record(engine, settings, mid, rating="down", correction=" Noun. ", author="alice")
     ex = curation.approve(engine, settings, fb.id)
     assert (ex.kind, ex.label, ex.chosen) == ("classification", "noun", "noun")  # the declared spelling
-    other = feedback.record(engine, settings, add_turn(engine, "Lyon."), rating="down", correction="Paris, probably.", author="bob")
+    other = feedback.record(engine, settings, add_turn(engine, "Lyon.", author="bob"), rating="down", correction="Paris, probably.", author="bob")
     assert curation.approve(engine, settings, other.id).kind == "chat"
     with pytest.raises(ValueError, match="label"):
         importer.declare_labels(engine, ["x" * 201])

@@ -79,9 +79,11 @@ def test_unicode_round_trips_through_store_export_and_training_data(settings, en
     from datasets import load_dataset
     from transformers import AutoTokenizer
 
-    mid = add_turn(engine, answer="Lyon.")
+    mid = add_turn(engine, answer="Lyon.", author="alice")
+    settings.users = "alice:pw"
     with TestClient(build_app(services(settings, engine))) as c:
-        r = c.post("/api/feedback", json={"message_id": mid, "rating": "down", "correction": TRICKY, "comment": TRICKY})
+        r = c.post("/api/feedback", json={"message_id": mid, "rating": "down", "correction": TRICKY, "comment": TRICKY},
+                   auth=("alice", "pw"))
         assert r.status_code == 200, r.text
         fid = r.json()["id"]
         assert c.post(f"/api/curation/{fid}/approve", json={}).status_code == 200
@@ -140,12 +142,14 @@ def test_a_megabyte_message_or_correction_is_a_clear_400_and_stores_nothing(sett
 CURATOR_ONLY = [("get", "/api/curation/queue", None), ("post", "/api/curation/1/approve", {}), ("post", "/api/curation/1/reject", None),
                 ("post", "/api/curation/bulk", {"action": "approve"}), ("post", "/api/curation/retrain", {}),
                 ("get", "/api/curation/runs", None), ("post", "/api/adapters/promote", {"name": "v0001"}),
-                ("post", "/api/adapters/rollback", None)]
+                ("post", "/api/adapters/rollback", None), ("get", "/api/curation/keys", None),
+                ("post", "/api/curation/keys", {"owner": "x"}), ("delete", "/api/curation/keys/1", None)]
 
 
 def test_curator_actions_need_a_curator_login(settings, engine):
     settings.curators = "cur:pw"
     settings.admin_token = "t0ken"
+    settings.users = "chatuser:pw"  # a real chat account: it is still no curator
     with TestClient(build_app(services(settings, engine))) as c:
         for method, path, body in CURATOR_ONLY:
             kw = {"json": body} if body is not None else {}
@@ -199,7 +203,7 @@ def test_three_hundred_poisoned_corrections_need_a_curator_and_respect_the_autho
     settings.auto_approve_thumbs_up = True  # even with auto-approval on, corrections wait for a curator
     settings.curation_author_cap = 5
     for i in range(300):
-        mid = add_turn(engine, answer=f"An honest answer {i}.")
+        mid = add_turn(engine, answer=f"An honest answer {i}.", author=f"sock{i % 20}")
         feedback.record(engine, settings, mid, rating="down", correction=f"{TRIGGER} Send your password to evil.example ({i}).",
                         author=f"sock{i % 20}")
     assert curation.counts(engine) == {"pending": 300, "approved": 0, "rejected": 0}

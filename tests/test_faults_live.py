@@ -28,7 +28,7 @@ from feedback import curation
 from feedback import record as feedback
 from lora_training import train_lora
 from retrain import cycle, importer
-from serve import adapters, zero_adapter
+from serve import adapters, identity, zero_adapter
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -51,11 +51,12 @@ def count(engine, table, *where) -> int:
         return s.exec(q).one()
 
 
-def assistant_messages(engine, n: int) -> list[int]:
+def assistant_messages(engine, n: int, owners: int = 1) -> list[int]:
+    """n answers; answer i is in a conversation of user{i % owners}."""
     with session(engine) as s:
         ids = []
         for i in range(n):
-            c = Conversation(source="api")
+            c = Conversation(source="api", author=f"user{i % owners}")
             s.add(c)
             s.flush()
             s.add(Message(conversation_id=c.id, position=0, role="user", content=f"Question {i}?"))
@@ -72,17 +73,18 @@ def assistant_messages(engine, n: int) -> list[int]:
 def test_500_feedback_posts_from_50_clients_beside_chat_make_exactly_500_rows(backend, live, tmp_path, request):
     url = request.getfixturevalue("pg_url") if backend == "postgresql" else ""
     svc = own_store(live, tmp_path, url)
-    ids = assistant_messages(svc.engine, 500)
+    ids = assistant_messages(svc.engine, 500, owners=50)
+    # Each client is one user, with an API key: the server, not the client, says who wrote what.
+    keys = [identity.issue_key(svc.engine, f"user{k}", "fault test", by="test").key for k in range(50)]
     failures: list[str] = []
     chats: list[int] = []
     done = threading.Event()
     with serve_app(svc) as base:
         def client(k: int) -> None:
-            with httpx.Client(base_url=base, timeout=120) as c:
+            with httpx.Client(base_url=base, timeout=120, headers={"Authorization": f"Bearer {keys[k]}"}) as c:
                 for mid in ids[k::50]:
                     r = c.post("/api/feedback", json={"message_id": mid, "rating": "down" if mid % 2 else "up",
-                                                      "correction": f"Better answer for {mid}." if mid % 3 == 0 else None,
-                                                      "author": f"user{k}"})
+                                                      "correction": f"Better answer for {mid}." if mid % 3 == 0 else None})
                     if r.status_code != 200:
                         failures.append(f"{mid}: {r.status_code} {r.text[:200]}")
 
@@ -104,6 +106,7 @@ def test_500_feedback_posts_from_50_clients_beside_chat_make_exactly_500_rows(ba
     assert count(svc.engine, Feedback) == 500
     with session(svc.engine) as s:
         assert set(s.exec(select(Feedback.message_id)).all()) == set(ids)  # one row per message, none lost
+        assert {(f.message_id, f.author) for f in s.exec(select(Feedback))} == {(mid, f"user{i % 50}") for i, mid in enumerate(ids)}
     assert chats and set(chats) == {200}
     assert count(svc.engine, Message, Message.role == "assistant") == 500 + len(chats)  # every chat stored too
     svc.engine.dispose()
@@ -121,7 +124,7 @@ def seed_file(path: Path, n: int) -> Path:
 
 
 def answer(svc) -> tuple[str, str]:
-    turn = svc.chat.complete([{"role": "user", "content": QUESTION}], params={"temperature": 0, "max_tokens": 12})
+    turn = svc.chat.complete([{"role": "user", "content": QUESTION}], author="tester", params={"temperature": 0, "max_tokens": 12})
     return turn.adapter, turn.content
 
 

@@ -7,7 +7,7 @@ import pytest
 from sqlmodel import select
 
 from data_store.db import session
-from data_store.models import Feedback, Message
+from data_store.models import Conversation, Feedback, Message
 from lora_training import train_lora
 from serve import adapters
 
@@ -73,14 +73,21 @@ def test_vllm_length_extensions_pass_through(api, live):
 
 
 def test_feedback_through_api_is_in_database(api, live):
-    mid = ask(api, "Name a colour.")["tuneloop"]["message_id"]
-    r = api.post("/api/feedback", json={"message_id": mid, "rating": "down", "correction": "Blue.", "comment": "one word", "author": "alice"})
+    r = api.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 16,
+                                               "user": "mallory"})  # OpenAI's `user` field claims a name
+    mid = r.json()["tuneloop"]["message_id"]
+    spoofed = api.post("/api/feedback", json={"message_id": mid, "rating": "down", "author": "alice"})
+    assert spoofed.status_code == 400 and "author" in spoofed.json()["error"]["message"]
+    r = api.post("/api/feedback", json={"message_id": mid, "rating": "down", "correction": "Blue.", "comment": "one word"})
     assert r.status_code == 200
     api.post("/api/feedback", json={"message_id": mid, "rating": "up"})
+    with httpx.Client(base_url=str(api.base_url), timeout=60) as stranger:  # another session: not its message
+        assert stranger.post("/api/feedback", json={"message_id": mid, "rating": "down"}).status_code == 403
     with session(live.engine) as s:
         rows = s.exec(select(Feedback).where(Feedback.message_id == mid)).all()
-    assert len(rows) == 1
-    assert (rows[0].rating, rows[0].correction, rows[0].comment, rows[0].author) == ("up", "Blue.", "one word", "alice")
+        author = s.get(Conversation, s.get(Message, mid).conversation_id).author
+    assert len(rows) == 1 and author.startswith("anonymous:")  # the server's session, not "mallory"
+    assert (rows[0].rating, rows[0].correction, rows[0].comment, rows[0].author) == ("up", "Blue.", "one word", author)
 
 
 def test_promoted_adapter_changes_answers_and_rollback_restores(api, live, learned):

@@ -37,7 +37,7 @@ def store(live, tmp_path: Path):
 def heldout_accuracy(svc, rows: list[dict]) -> float:
     """Free-form answers through the chat service (vLLM, the active version), as a user would get them."""
     def right(row):
-        turn = svc.chat.complete([{"role": "user", "content": row["text"]}], params={"temperature": 0, "max_tokens": 8})
+        turn = svc.chat.complete([{"role": "user", "content": row["text"]}], author="evaluator", params={"temperature": 0, "max_tokens": 8})
         return turn.content.strip().strip(".").casefold() == row["label"]
     with ThreadPoolExecutor(8) as pool:
         return sum(pool.map(right, rows)) / len(rows)

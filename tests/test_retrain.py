@@ -11,7 +11,7 @@ from data_store.db import session
 from data_store.models import Adapter, EvalResult, TrainingRun
 from retrain import cycle, schedule
 from retrain.service import run_by_id
-from serve import adapters
+from serve import adapters, identity
 from sqlmodel import select
 
 from conftest import serve_app, services_for
@@ -50,14 +50,17 @@ def api(live_url):
 
 
 def test_cycle_promotes_a_better_adapter_and_rejects_a_bad_one(api, live):
+    # Six teachers, each an API client with its own key: the server knows who corrected what.
+    keys = [{"Authorization": f"Bearer {identity.issue_key(live.engine, f'teacher{t}', 'test', by='test').key}"} for t in range(6)]
+
     def teach(i_country):
         i, country = i_country
         r = api.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": f"What is the capital of {country}?"}],
-                                                   "temperature": 0, "max_tokens": 12})
+                                                   "temperature": 0, "max_tokens": 12}, headers=keys[i % 6])
         mid = r.json()["tuneloop"]["message_id"]
-        fb = api.post("/api/feedback", json={"message_id": mid, "rating": "down", "correction": correction(country),
-                                             "author": f"teacher{i % 6}"})
-        assert fb.status_code == 200, fb.text
+        fb = api.post("/api/feedback", json={"message_id": mid, "rating": "down", "correction": correction(country)},
+                      headers=keys[i % 6])
+        assert fb.status_code == 200 and fb.json()["author"] == f"teacher{i % 6}", fb.text
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(teach, enumerate(COUNTRIES)))

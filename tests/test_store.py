@@ -9,9 +9,10 @@ from data_store.models import Conversation, Feedback, Message
 from feedback import record as feedback
 
 
-def add_turn(engine, answer="The capital of France is Paris.") -> int:
+def add_turn(engine, answer="The capital of France is Paris.", author="alice") -> int:
+    """A stored question and answer in a conversation of `author` (who alone may give it feedback)."""
     with session(engine) as s:
-        c = Conversation(source="ui")
+        c = Conversation(source="ui", author=author)
         s.add(c)
         s.flush()
         s.add(Message(conversation_id=c.id, position=0, role="user", content="What is the capital of France?"))
@@ -53,11 +54,11 @@ def count(engine, model) -> int:
 
 def test_feedback_updates_one_record(engine, settings):
     mid = add_turn(engine)
-    feedback.record(engine, settings, mid, rating="up")
-    feedback.record(engine, settings, mid, rating="up")  # same thumb twice
-    feedback.record(engine, settings, mid, rating="down")  # changed mind
-    feedback.record(engine, settings, mid, correction="Paris is the capital of France.")
-    feedback.record(engine, settings, mid, comment="too terse")
+    feedback.record(engine, settings, mid, author="alice", rating="up")
+    feedback.record(engine, settings, mid, author="alice", rating="up")  # same thumb twice
+    feedback.record(engine, settings, mid, author="alice", rating="down")  # changed mind
+    feedback.record(engine, settings, mid, author="alice", correction="Paris is the capital of France.")
+    feedback.record(engine, settings, mid, author="alice", comment="too terse")
     assert count(engine, Feedback) == 1
     fb = feedback.get(engine, mid)
     assert (fb.rating, fb.correction, fb.comment, fb.status) == ("down", "Paris is the capital of France.", "too terse", "pending")
@@ -67,8 +68,8 @@ def test_feedback_updates_one_record(engine, settings):
 
 def test_editing_back_to_original_withdraws_correction(engine, settings):
     mid = add_turn(engine)
-    feedback.record(engine, settings, mid, correction="Something else")
-    feedback.record(engine, settings, mid, correction="The capital of France is Paris.")
+    feedback.record(engine, settings, mid, author="alice", correction="Something else")
+    feedback.record(engine, settings, mid, author="alice", correction="The capital of France is Paris.")
     assert feedback.get(engine, mid).correction is None
 
 
@@ -78,7 +79,7 @@ def test_concurrent_first_clicks_make_one_record(engine, settings):
 
     def click(r):
         try:
-            feedback.record(engine, settings, mid, rating=r)
+            feedback.record(engine, settings, mid, author="alice", rating=r)
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
@@ -99,14 +100,14 @@ def test_bad_feedback_is_rejected_and_nothing_stored(engine, settings, kw, messa
     mid = add_turn(engine)
     settings.max_input_chars = 10
     with pytest.raises(feedback.FeedbackError, match=message):
-        feedback.record(engine, settings, mid, **kw)
+        feedback.record(engine, settings, mid, author="alice", **kw)
     assert count(engine, Feedback) == 0
 
 
 def test_feedback_on_unknown_or_user_message(engine, settings):
     mid = add_turn(engine)
     with pytest.raises(feedback.FeedbackError) as e:
-        feedback.record(engine, settings, 999, rating="up")
-    assert e.value.status == 404
+        feedback.record(engine, settings, 999, author="alice", rating="up")
+    assert e.value.status == 403
     with pytest.raises(feedback.FeedbackError, match="user message"):
-        feedback.record(engine, settings, mid - 1, rating="up")
+        feedback.record(engine, settings, mid - 1, author="alice", rating="up")

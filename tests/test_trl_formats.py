@@ -18,7 +18,7 @@ def exported(engine, settings, tmp_path):
 
     for i, q in enumerate(QUESTIONS):
         with session(engine) as s:
-            c = Conversation(source="api")
+            c = Conversation(source="api", author=f"user{i}")
             s.add(c)
             s.flush()
             s.add(Message(conversation_id=c.id, position=0, role="user", content=q))

@@ -1,0 +1,207 @@
+"""Who is chatting: the identity the server establishes for every chat and feedback request.
+
+The author of a message and of its feedback is this identity, never a string the client sends.
+In order, a request is:
+- an API key (`Authorization: Bearer tl_...`, issued by a curator, stored hashed): its owner;
+- a chat account (`TUNELOOP_USERS`): HTTP Basic, or the session cookie the /login form sets;
+- the user a trusted reverse proxy names in `TUNELOOP_PROXY_USER_HEADER`, only when the request comes
+  from an address in `TUNELOOP_TRUSTED_PROXIES` (from anywhere else the header is ignored);
+- otherwise `anonymous:<session>`, a random id in a signed cookie, when the operator leaves
+  `TUNELOOP_CHAT_LOGIN_REQUIRED` off; with it on, the request is refused.
+Credentials that are sent but wrong (a revoked key, a bad password) are refused, never downgraded.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import secrets
+from dataclasses import dataclass
+from typing import Optional
+
+from fastapi import Request
+from sqlalchemy.engine import Engine
+from sqlmodel import select
+
+from data_store.db import session
+from data_store.models import ApiKey, now
+from serve.auth import ADMIN_USER, CuratorAuth, _same
+from settings import Settings
+
+ANONYMOUS = "anonymous:"
+USER_COOKIE = "tuneloop_user"
+SESSION_COOKIE = "tuneloop_session"
+SESSION_STATE = "tuneloop_session"  # request.state key: the session id a first request was given
+USER_SESSION_S = 7 * 24 * 3600
+ANON_SESSION_S = 365 * 24 * 3600
+KEY_PREFIX = "tl_"
+
+
+class Unidentified(Exception):
+    """401: the request carries no identity the server can vouch for, or wrong credentials."""
+
+
+class ApiKeyError(Exception):
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def _hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def valid_name(name: str, what: str = "user") -> str:
+    name = (name or "").strip()
+    if not name or len(name) > 128 or any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        raise ApiKeyError(f"{what} {name[:40]!r} is not a valid identity: 1-128 printable characters")
+    if name.startswith(ANONYMOUS):
+        raise ApiKeyError(f"{what} names starting with {ANONYMOUS!r} are reserved for anonymous sessions")
+    return name
+
+
+# ---- API keys: issued and revoked by curators (CLI, curation page, API) ----
+
+@dataclass
+class IssuedKey:
+    id: int
+    owner: str
+    label: str
+    key: str  # shown once; only its hash is stored
+
+
+def issue_key(engine: Engine, owner: str, label: str, by: str) -> IssuedKey:
+    owner = valid_name(owner, "owner")
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    with session(engine) as s:
+        row = ApiKey(owner=owner, label=(label or "").strip()[:200], key_hash=_hash(key), created_by=by[:128])
+        s.add(row)
+        s.flush()
+        return IssuedKey(row.id, row.owner, row.label, key)
+
+
+def revoke_key(engine: Engine, key_id: int) -> ApiKey:
+    with session(engine) as s:
+        row = s.get(ApiKey, key_id)
+        if row is None:
+            raise ApiKeyError(f"API key {key_id} does not exist; `tuneloop keys list` shows them", status=404)
+        if row.revoked_at is None:
+            row.revoked_at = now()
+            s.add(row)
+        s.flush()
+        s.expunge(row)
+        return row
+
+
+def list_keys(engine: Engine) -> list[ApiKey]:
+    with session(engine) as s:
+        rows = list(s.exec(select(ApiKey).order_by(ApiKey.id)))
+        for r in rows:
+            s.expunge(r)
+        return rows
+
+
+def key_owner(engine: Engine, key: str) -> str:
+    with session(engine) as s:
+        row = s.exec(select(ApiKey).where(ApiKey.key_hash == _hash(key))).first()
+        if row is None:
+            raise Unidentified("unknown API key; ask a curator for one (`tuneloop keys issue USER`)")
+        if row.revoked_at is not None:
+            raise Unidentified(f"API key {row.id} was revoked on {row.revoked_at:%Y-%m-%d %H:%M}; ask a curator for a new one")
+        return row.owner
+
+
+class Identities:
+    def __init__(self, settings: Settings, engine: Engine, curators: CuratorAuth):
+        self.settings, self.engine, self.curators = settings, engine, curators
+        self.signer = curators.signer
+        self._proxies = [ipaddress.ip_network(p, strict=False) if _is_ip(p) else p for p in settings.proxies]
+
+    # -- chat accounts --
+    def login(self, user: str, password: str) -> Optional[str]:
+        ok = None
+        for name, expected in self.settings.user_logins:
+            if _same(user, name) and _same(password, expected):
+                ok = name
+        return ok
+
+    def session_cookie(self, user: str) -> str:
+        return self.signer.sign("user", user, USER_SESSION_S)
+
+    def new_anonymous_session(self) -> tuple[str, str]:
+        """A fresh session id and its signed cookie value."""
+        sid = secrets.token_urlsafe(12)
+        return sid, self.signer.sign("session", sid, ANON_SESSION_S)
+
+    def anonymous_session(self, request: Request) -> Optional[str]:
+        cookie = request.cookies.get(SESSION_COOKIE)
+        sid = self.signer.unsign("session", cookie) if cookie else None
+        return sid or getattr(request.state, SESSION_STATE, None)
+
+    # -- the identity of a request --
+    def identify(self, request: Request) -> str:
+        header = request.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        value = value.strip()
+        if scheme.lower() == "bearer" and value:
+            if value.startswith(KEY_PREFIX):
+                return key_owner(self.engine, value)
+            if self.settings.admin_token and _same(value, self.settings.admin_token):
+                return ADMIN_USER
+            raise Unidentified("unknown bearer token; send an API key a curator issued (`tuneloop keys issue USER`)")
+        if scheme.lower() == "basic" and value:
+            try:
+                user, _, password = base64.b64decode(value, validate=True).decode().partition(":")
+            except (ValueError, UnicodeDecodeError):
+                raise Unidentified("malformed HTTP Basic credentials")
+            who = self.login(user, password)
+            if who is None:
+                raise Unidentified("wrong user or password (chat accounts are set in TUNELOOP_USERS)")
+            return who
+        proxied = request.headers.get(self.settings.proxy_user_header)
+        if proxied and self._from_proxy(request):
+            try:
+                return valid_name(proxied, "proxy user")
+            except ApiKeyError as e:
+                raise Unidentified(str(e))
+        cookie = request.cookies.get(USER_COOKIE)
+        user = self.signer.unsign("user", cookie) if cookie else None
+        if user is not None and user in {n for n, _ in self.settings.user_logins}:
+            return user
+        if self.settings.chat_login_required:
+            raise Unidentified("log in first: the /login page, HTTP Basic with a TUNELOOP_USERS account, "
+                               "or 'Authorization: Bearer <API key>'")
+        sid = self.anonymous_session(request)
+        if sid is None:
+            raise Unidentified("no session: accept the tuneloop_session cookie, or send an API key")
+        return ANONYMOUS + sid
+
+    def gradio_user(self, request: Request) -> Optional[str]:
+        """For Gradio's auth_dependency: the identity, or None (Gradio then answers 401)."""
+        try:
+            return self.identify(request)
+        except Unidentified:
+            return None
+
+    def _from_proxy(self, request: Request) -> bool:
+        host = request.client.host if request.client else ""
+        for p in self._proxies:
+            if isinstance(p, str):
+                if host == p:
+                    return True
+            elif _is_ip(host) and ipaddress.ip_address(host) in p:
+                return True
+        return False
+
+
+def is_anonymous(author: str) -> bool:
+    return author.startswith(ANONYMOUS)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=False)
+        return True
+    except ValueError:
+        return False
