@@ -67,10 +67,10 @@ def build(services: Services, demo: gr.Blocks) -> None:
     runs = gr.Dataframe(headers=RUN_COLUMNS, interactive=False, wrap=True, elem_id="runs")
     run_id = gr.Number(label="Run id", precision=0, elem_id="run-id")
     with gr.Row():
-        data = gr.JSON(label="Data used")
-        decision = gr.JSON(label="Decision and reasons")
+        data = gr.JSON(label="Data used", elem_id="run-data")
+        decision = gr.JSON(label="Decision and reasons", elem_id="run-decision")
     curves = gr.LinePlot(x="step", y="loss", color="curve", title="Loss", elem_id="loss-plot")
-    metrics = gr.Dataframe(label="Metrics on the frozen test set", interactive=False)
+    metrics = gr.Dataframe(label="Metrics on the frozen test set", interactive=False, elem_id="run-metrics")
 
     refresh.click(table, None, [runs, serving])
     demo.load(table, None, [runs, serving])

@@ -6,10 +6,11 @@ today's rule (content bigrams, the split furthest below its share) and moves wha
 
 - nothing moves into test: a train prompt there would be one the serving version learned, which biases
   the gate towards it;
-- a test prompt never moves into train once a gate scored versions on it (runs record the test
-  examples they scored; a run from before that record counts every example older than itself). A
-  test prompt no cycle ever scored moves like any other;
-- everything else moves to the split the rule gives it.
+- nothing moves from test into train, ever: a held-out prompt stays held out of training. A test
+  prompt that no gate scored may move to val (never trained on either) when the rule puts it there;
+  one a gate scored stays in test (runs record the test examples they scored; a run from before that
+  record counts every example older than itself);
+- everything else (train and val) moves to the split the rule gives it.
 
 The plan is a pure function; `resplit` applies it in one transaction and reports every move.
 """
@@ -30,8 +31,11 @@ from retrain import dataset
 
 def plan(current: dict[str, str], target: dict[str, str], scored: set[str]) -> dict[str, str]:
     """key -> new split, for the keys that move; `scored` are the test keys some gate scored."""
-    return {key: target[key] for key, now in current.items()
-            if target.get(key, now) not in (now, "test") and not (now == "test" and key in scored)}
+    def allowed(key: str, now: str, new: str) -> bool:
+        if new in (now, "test"):
+            return False
+        return now != "test" or (new == "val" and key not in scored)
+    return {key: target[key] for key, now in current.items() if allowed(key, now, target.get(key, now))}
 
 
 def scored_test_keys(s, test_keys: set[str]) -> set[str]:

@@ -15,7 +15,8 @@ from serve.chat import ChatInputError, Turn
 from serve.client import VLLMError, VLLMUnavailable
 from serve.services import Services
 
-NEW_STATE: dict[str, Any] = {"conversation_id": None, "ids": []}
+# ids: the stored message id of each shown message (None for questions); sent: the stored conversation.
+NEW_STATE: dict[str, Any] = {"conversation_id": None, "ids": [], "sent": []}
 
 
 def text_of(content: Any) -> str:
@@ -56,26 +57,31 @@ def build(services: Services) -> gr.Blocks:
         if not (text or "").strip():
             yield gr.skip(), history, state, gr.skip(), ""
             return
-        history = [*history, {"role": "user", "content": text}]
-        ids = [*state["ids"], None]
-        yield "", history, state, gr.skip(), ""
-        messages = [{"role": m["role"], "content": text_of(m["content"])} for m in history]
-        history = [*history, {"role": "assistant", "content": ""}]
+        shown = [*history, {"role": "user", "content": text}]
+        yield "", shown, state, gr.skip(), ""
+        # The model is sent the stored conversation (with its original answers, whatever the user edited
+        # since), so what is stored is what the model saw.
+        sent = state.get("sent", [])
+        messages = [*sent, {"role": "user", "content": text}]
+        answering = [*shown, {"role": "assistant", "content": ""}]
         try:
-            for item in chat.stream(messages, conversation_id=state["conversation_id"], store_from=len(messages) - 1,
+            for item in chat.stream(messages, conversation_id=state["conversation_id"], store_from=len(sent),
                                     source="ui", author=_author(request)):
                 if isinstance(item, Turn):
-                    state = {"conversation_id": item.conversation_id, "ids": [*ids, item.message_id]}
-                    history[-1]["content"] = item.content
-                    yield gr.skip(), history, state, serving_label(item.adapter, chat.base_name), ""
+                    state = {"conversation_id": item.conversation_id, "ids": [*state["ids"], None, item.message_id],
+                             "sent": [*messages, {"role": "assistant", "content": item.content}]}
+                    answering[-1]["content"] = item.content
+                    yield gr.skip(), answering, state, serving_label(item.adapter, chat.base_name), ""
                 else:
                     for choice in item.get("choices") or []:
-                        history[-1]["content"] += (choice.get("delta") or {}).get("content") or ""
-                    yield gr.skip(), history, state, gr.skip(), ""
-        except ChatInputError as e:
-            raise gr.Error(str(e))
-        except (VLLMUnavailable, VLLMError) as e:
-            raise gr.Error(f"The model server could not answer ({e}). Nothing was stored; try again shortly.")
+                        answering[-1]["content"] += (choice.get("delta") or {}).get("content") or ""
+                    yield gr.skip(), answering, state, gr.skip(), ""
+        except (ChatInputError, VLLMUnavailable, VLLMError) as e:
+            why = str(e) if isinstance(e, ChatInputError) else f"The model server could not answer ({e})."
+            # Nothing was stored: the turn leaves the chat too (its text goes back in the box), so the
+            # shown messages and their stored ids stay in step.
+            yield text, history, state, gr.skip(), f"Not sent: {why} Nothing was stored; edit and send again."
+            raise gr.Error(f"{why} Nothing was stored; try again.")
 
     def message_id(state: dict, index: Any) -> Optional[int]:
         i = index[0] if isinstance(index, (list, tuple)) else index

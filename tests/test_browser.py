@@ -185,3 +185,89 @@ def test_hostile_text_is_stored_verbatim_and_rendered_inert(browser, live, live_
     assert curator.evaluate(INERT), curator.locator("#queue").inner_html()[:2000]
     assert page.evaluate(INERT) and dialogs == []
     ctx.close()
+
+
+def test_a_failed_turn_then_thumbs_down_and_edit_land_on_the_right_answer(page, live):
+    """A turn vLLM refuses (longer than the context) leaves the chat and stores nothing; the next answer's
+    thumb and edit reach that answer's message, and the stored conversation is what the model was sent."""
+    wait_until(lambda: "Serving" in page.locator("#serving").inner_text())
+    first = send(page, "Say hello.")
+    with session(live.engine) as s:
+        before = s.exec(select(Message).where(Message.role == "assistant", Message.content == first)).first()
+    too_long = "hello " * 2600  # under the box's 16,000 characters, over the model's 2,048 tokens
+    page.locator("#msg textarea").fill(too_long)
+    page.locator("#msg textarea").press("Enter")
+    wait_until(lambda: "Not sent" in page.locator("#status").inner_text(), timeout=120)
+    assert page.locator("#msg textarea").input_value() == too_long  # given back to edit
+    assert page.locator("#chat [data-testid='user']").count() == 1  # the failed question left the chat
+
+    answer = send(page, "What is the capital of Italy?")
+    page.locator("#chat button[aria-label='Dislike']").last.click()
+    wait_until(lambda: "rated 👎" in page.locator("#status").inner_text())
+    page.locator("#chat button[aria-label='Edit']").last.click()
+    page.locator("#chat textarea.edit-textarea").fill("Rome is the capital of Italy.")
+    page.locator("#chat button[aria-label='Submit']").click()
+    wait_until(lambda: "Correction saved" in page.locator("#status").inner_text())
+    third = send(page, "And of Spain?")  # after an edit: the model is sent the stored (original) answer
+    page.locator("#chat button[aria-label='Like']").last.click()
+    wait_until(lambda: "rated 👍" in page.locator("#status").inner_text())
+
+    with session(live.engine) as s:
+        convo = s.exec(select(Message).where(Message.conversation_id == before.conversation_id).order_by(Message.position)).all()
+        assert [(m.role, m.content) for m in convo] == [
+            ("user", "Say hello."), ("assistant", first), ("user", "What is the capital of Italy?"), ("assistant", answer),
+            ("user", "And of Spain?"), ("assistant", third)]
+        assert not s.exec(select(Message).where(Message.content == too_long)).first()
+        rated = {s.get(Message, f.message_id).content: (f.rating, f.correction)
+                 for f in s.exec(select(Feedback).where(Feedback.message_id.in_([m.id for m in convo])))}
+    assert rated == {answer: ("down", "Rome is the capital of Italy."), third: ("up", None)}
+
+
+def test_curator_login_and_api_keys_in_chromium(browser, live):
+    """With curators configured, /curate sends the browser to the login form; after it the page and its
+    buttons work, an API key issued on the API keys tab works once shown and stops when revoked."""
+    import httpx
+
+    from conftest import serve_app, services_for
+
+    prod = services_for(live.settings.model_copy(update={"curators": "ops:pw-9", "users": "alice:pw-a"}),
+                        live.engine, live.vllm, live.base_model)
+    with serve_app(prod) as url:
+        ctx = browser.new_context()
+        page = ctx.new_page()
+        page.goto(f"{url}/curate")
+        page.wait_for_url("**/curate/login**")
+        for user, password in (("alice", "pw-a"), ("ops", "wrong")):  # a chat account is no curator
+            page.fill("input[name=username]", user)
+            page.fill("input[name=password]", password)
+            page.click("#login")
+            assert "Wrong user or password" in page.content()
+        page.fill("input[name=username]", "ops")
+        page.fill("input[name=password]", "pw-9")
+        page.click("#login")
+        page.wait_for_url(f"{url}/curate/")
+        page.get_by_role("tab", name="API keys").click()
+        page.locator("#key-owner textarea, #key-owner input").first.fill("notebook-user")
+        page.locator("#key-issue").click()
+        wait_until(lambda: "issued for" in page.locator("#key-note").inner_text())
+        key = page.locator("#key-new textarea, #key-new input").first.input_value()
+        assert key.startswith("tl_")
+        with session(live.engine) as s:
+            from data_store.models import ApiKey
+
+            row = s.exec(select(ApiKey).where(ApiKey.owner == "notebook-user")).one()
+        assert row.created_by == "ops"
+        health = httpx.get(f"{url}/api/curation/keys", headers={"Authorization": f"Bearer {key}"})
+        assert health.status_code == 401  # an API key is not a curator credential
+        body = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=300)
+        assert r.status_code == 200
+        with session(live.engine) as s:
+            msg = s.get(Message, r.json()["tuneloop"]["message_id"])
+            assert s.get(Conversation, msg.conversation_id).author == "notebook-user"
+        page.locator("#key-id input").fill(str(row.id))
+        page.locator("#key-revoke").click()
+        wait_until(lambda: "is revoked" in page.locator("#key-note").inner_text())
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        assert r.status_code == 401 and "revoked" in r.json()["error"]["message"]
+        ctx.close()

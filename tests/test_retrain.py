@@ -1,5 +1,6 @@
 """One full retrain cycle on the default model with the real vLLM server, end to end."""
 
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -15,6 +16,7 @@ from serve import adapters, identity
 from sqlmodel import select
 
 from conftest import serve_app, services_for
+from test_browser import browser  # noqa: F401  (the Chromium fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -150,3 +152,28 @@ def test_cli_retrain_now_follows_the_running_service_to_its_decision(live_url, t
     assert "run " in done.stderr  # tqdm's bar, on stderr
     assert done.stdout.startswith("skipped: ") and "new approved example(s)" in done.stdout, done.stdout
     assert "--force" in done.stdout  # the reason names the way out
+
+
+@pytest.mark.browser
+def test_the_runs_tab_shows_the_real_cycle_in_chromium(browser, live, live_url):
+    """After the cycles above: the Runs tab lists them; one shows its loss curve, both versions' metrics
+    in named columns, the data it used and the decision."""
+    from test_browser import wait_until
+
+    with session(live.engine) as s:
+        done = s.exec(select(TrainingRun).where(TrainingRun.status == "succeeded").order_by(TrainingRun.id)).all()
+    run = next(r for r in done if r.decision and r.decision.get("promote"))
+    page = browser.new_page()
+    page.goto(f"{live_url}/curate/")
+    page.get_by_role("tab", name="Runs").click()
+    cell = page.locator("#runs [role=gridcell]").filter(has_text=re.compile(rf"^\s*{run.id}\s*$"))
+    cell.first.wait_for(timeout=60_000)
+    assert "succeeded" in page.locator("#runs").inner_text()
+    cell.first.click()
+    wait_until(lambda: "metric" in page.locator("#run-metrics").inner_text(), timeout=60)
+    metrics = page.locator("#run-metrics").inner_text()
+    assert all(col in metrics for col in ("candidate", "active")) and "nll" in metrics and "chrf" in metrics
+    wait_until(lambda: page.locator("#loss-plot canvas, #loss-plot svg").count() > 0, timeout=60)
+    assert "train_rows" in page.locator("#run-data").inner_text()
+    assert "promote" in page.locator("#run-decision").inner_text()
+    page.close()
