@@ -91,7 +91,8 @@ def serve(host: Optional[str] = typer.Option(None, help="Override TUNELOOP_HOST.
     # process before `finally` runs, orphaning vLLM (its port and a core). Exit through `finally`.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
-        uvicorn.run(build_app(services), host=settings.host, port=settings.port, log_level="warning")
+        # proxy_headers off: the peer address must stay the proxy's own, which TRUSTED_PROXIES is checked against.
+        uvicorn.run(build_app(services), host=settings.host, port=settings.port, log_level="warning", proxy_headers=False)
     finally:
         scheduler.shutdown(wait=False)
         if services.supervisor:

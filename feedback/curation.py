@@ -145,11 +145,15 @@ def approve_in(s: Session, settings: Settings, fb: Feedback) -> Example:
     rejected = msg.content if (fb.correction or fb.rating == "down") else None
     if chosen is None and rejected is None:
         raise CurationError(f"feedback {fb.id} has no rating or correction; there is nothing to learn from it")
+    # Anyone can open a new anonymous session, so all anonymous sessions share one cap.
+    anonymous = fb.author.startswith("anonymous:")
+    same_author = Example.author.startswith("anonymous:") if anonymous else Example.author == fb.author
     approved = s.exec(select(func.count()).select_from(Example).where(
-        Example.source == "feedback", Example.author == fb.author, Example.created_at >= cycle_start(s),
+        Example.source == "feedback", same_author, Example.created_at >= cycle_start(s),
         Example.feedback_id != fb.id)).one()
     if approved >= settings.curation_author_cap:
-        raise CurationError(f"author {fb.author!r} already has {approved} approved examples this cycle "
+        who = "anonymous sessions together have" if anonymous else f"author {fb.author!r} already has"
+        raise CurationError(f"{who} {approved} approved examples this cycle "
                             f"(cap TUNELOOP_CURATION_AUTHOR_CAP={settings.curation_author_cap}); approve after the next cycle")
     s.exec(delete(Example).where(Example.feedback_id == fb.id))  # re-approval replaces the old example
     prompt = _context(s, msg)

@@ -92,7 +92,10 @@ def build(services: Services) -> gr.Blocks:
         if mid is None:
             return "That message was not stored, so it cannot be rated."
         rating = {True: "up", False: "down"}.get(data.liked) if isinstance(data.liked, bool) else None
-        feedback.record(engine, settings, mid, rating=rating, author=_author(request))
+        try:
+            feedback.record(engine, settings, mid, rating=rating, author=_author(request))
+        except feedback.FeedbackError as e:
+            return f"Rating not saved: {e}"
         return f"Thanks: rated {'👍' if rating == 'up' else '👎' if rating == 'down' else 'nothing'} (message {mid})."
 
     def on_edit(history: list[dict], state: dict, data: gr.EditData, request: gr.Request):
@@ -138,6 +141,8 @@ def build(services: Services) -> gr.Blocks:
         save.click(on_comment, [comment, state], [comment, status])
         who = gr.Markdown(elem_id="who")
         new.click(lambda: ([], dict(NEW_STATE), ""), None, [chatbot, state, status])
+        # The chatbot's own trash icon empties the shown chat: the next message starts a new conversation.
+        chatbot.clear(lambda: (dict(NEW_STATE), ""), None, [state, status])
         demo.load(current_label, None, serving)
         demo.load(whoami, None, who)
     return demo

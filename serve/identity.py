@@ -52,12 +52,24 @@ def _hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+# Names the server gives itself: the admin-token bearer, the CLI, open curation.
+RESERVED = {ADMIN_USER, "cli", "open"}
+
+
+def name_problem(name: str) -> Optional[str]:
+    if not name or len(name) > 128 or any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        return "is not a valid identity: 1-128 printable characters"
+    if name.startswith(ANONYMOUS):
+        return f"starts with {ANONYMOUS!r}, which is reserved for anonymous sessions"
+    if name in RESERVED:
+        return f"is reserved ({', '.join(sorted(RESERVED))} are the server's own names)"
+    return None
+
+
 def valid_name(name: str, what: str = "user") -> str:
     name = (name or "").strip()
-    if not name or len(name) > 128 or any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
-        raise ApiKeyError(f"{what} {name[:40]!r} is not a valid identity: 1-128 printable characters")
-    if name.startswith(ANONYMOUS):
-        raise ApiKeyError(f"{what} names starting with {ANONYMOUS!r} are reserved for anonymous sessions")
+    if problem := name_problem(name):
+        raise ApiKeyError(f"{what} {name[:40]!r} {problem}")
     return name
 
 
@@ -115,6 +127,9 @@ def key_owner(engine: Engine, key: str) -> str:
 class Identities:
     def __init__(self, settings: Settings, engine: Engine, curators: CuratorAuth):
         self.settings, self.engine, self.curators = settings, engine, curators
+        for name, _ in settings.user_logins:
+            if problem := name_problem(name):
+                raise ValueError(f"TUNELOOP_USERS: account {name[:40]!r} {problem}")
         self.signer = curators.signer
         self._proxies = [ipaddress.ip_network(p, strict=False) if _is_ip(p) else p for p in settings.proxies]
 
@@ -141,9 +156,11 @@ class Identities:
 
     # -- the identity of a request --
     def identify(self, request: Request) -> str:
-        header = request.headers.get("authorization", "")
+        header = request.headers.get("authorization", "").strip()
         scheme, _, value = header.partition(" ")
         value = value.strip()
+        if header and not (scheme.lower() in ("bearer", "basic") and value):
+            raise Unidentified("unrecognized Authorization header; send 'Bearer <API key>' or HTTP Basic")
         if scheme.lower() == "bearer" and value:
             if value.startswith(KEY_PREFIX):
                 return key_owner(self.engine, value)
@@ -166,8 +183,10 @@ class Identities:
             except ApiKeyError as e:
                 raise Unidentified(str(e))
         cookie = request.cookies.get(USER_COOKIE)
-        user = self.signer.unsign("user", cookie) if cookie else None
-        if user is not None and user in {n for n, _ in self.settings.user_logins}:
+        if cookie:
+            user = self.signer.unsign("user", cookie)
+            if user is None or user not in {n for n, _ in self.settings.user_logins}:
+                raise Unidentified("your login expired or was ended; log in again at /login")
             return user
         if self.settings.chat_login_required:
             raise Unidentified("log in first: the /login page, HTTP Basic with a TUNELOOP_USERS account, "

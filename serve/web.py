@@ -84,10 +84,11 @@ def build_app(services: Services) -> FastAPI:
 
     @app.middleware("http")
     async def chat_page(request: Request, call_next):
-        # With login required, a browser without an identity is sent to the login form.
-        if request.method == "GET" and request.url.path == "/" and services.settings.chat_login_required \
-                and people.gradio_user(request) is None:
-            return RedirectResponse("/login", status_code=303)
+        # A browser without an identity (login required, or its login expired) is sent to the login form.
+        if request.method == "GET" and request.url.path == "/" and people.gradio_user(request) is None:
+            response = RedirectResponse("/login", status_code=303)
+            response.delete_cookie(identity.USER_COOKIE, path="/")
+            return response
         return await call_next(request)
 
     @app.middleware("http")

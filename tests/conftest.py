@@ -124,7 +124,9 @@ def serve_app(services):
     from serve.web import build_app
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(services), host="127.0.0.1", port=port, log_level="warning"))
+    config = uvicorn.Config(build_app(services), host="127.0.0.1", port=port, log_level="warning",
+                            proxy_headers=False)  # as `tuneloop serve` runs it
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

@@ -222,6 +222,18 @@ def test_a_failed_turn_then_thumbs_down_and_edit_land_on_the_right_answer(page, 
                  for f in s.exec(select(Feedback).where(Feedback.message_id.in_([m.id for m in convo])))}
     assert rated == {answer: ("down", "Rome is the capital of Italy."), third: ("up", None)}
 
+    # The chatbot's own Clear (trash) icon: the next message starts a new conversation, ids restart with it.
+    page.locator("#chat button[aria-label='Clear']").click()
+    wait_until(lambda: page.locator("#chat [data-testid='bot']").count() == 0)
+    fourth = send(page, "Say goodbye.")
+    page.locator("#chat button[aria-label='Dislike']").last.click()
+    wait_until(lambda: "rated 👎" in page.locator("#status").inner_text())
+    with session(live.engine) as s:
+        msg = s.exec(select(Message).where(Message.role == "assistant", Message.content == fourth)
+                     .order_by(Message.id.desc())).first()
+        assert msg.conversation_id != before.conversation_id and msg.position == 1
+        assert s.exec(select(Feedback).where(Feedback.message_id == msg.id)).one().rating == "down"
+
 
 def test_curator_login_and_api_keys_in_chromium(browser, live):
     """With curators configured, /curate sends the browser to the login form; after it the page and its

@@ -4,7 +4,7 @@ the client sends; only the owner of a conversation rates or corrects its answers
 clear 4xx and stores nothing. The model server is a closed port: these requests never reach it."""
 
 from fastapi.testclient import TestClient
-from sqlmodel import func, select
+from sqlmodel import select
 from typer.testing import CliRunner
 
 from data_store.db import session
@@ -121,7 +121,7 @@ def test_login_required_refuses_the_unidentified_and_a_chat_login_is_no_curator(
         # A chat login is not a curator login, by form, by Basic or by moving its cookie.
         assert c.post("/curate/login", data={"username": "alice", "password": "pw"}).status_code == 401
         assert c.get("/api/curation/queue", auth=("alice", "pw")).status_code == 401
-        c.cookies.set("tuneloop_curator", c.cookies.get(identity.USER_COOKIE))
+        c.cookies.set("tuneloop_curator", c.cookies.get(identity.USER_COOKIE))  # no curator cookie was there
         assert c.get("/api/curation/queue").status_code == 401
         assert c.get("/curate/", follow_redirects=False).status_code == 303
 
@@ -152,5 +152,74 @@ def test_anonymous_sessions_are_server_issued_and_separate(settings, engine):
         r = rate(a, mid)
         assert r.status_code == 200 and r.json()["author"] == f"anonymous:{sa}"
         # A forged session cookie names no one: the client gets a fresh session instead.
+        b.cookies.delete(identity.SESSION_COOKIE)
         b.cookies.set(identity.SESSION_COOKIE, f"{sa}|9999999999|forged")
         assert rate(b, mid).status_code == 403
+
+
+def test_wrong_credentials_are_refused_never_downgraded_to_anonymous(settings, engine):
+    settings.users = "alice:pw"
+    mid = add_turn(engine, author="alice")
+    with app_for(settings, engine) as c:
+        for header in ("tl_bogus", "Token tl_x", "Bearer ", "Basic", "Bearer not-a-key"):
+            r = rate(c, mid, headers={"Authorization": header})
+            assert r.status_code == 401, (header, r.status_code)
+        c.post("/login", data={"username": "alice", "password": "pw"})
+        good = c.cookies.get(identity.USER_COOKIE)
+        value, expires, sig = good.rsplit("|", 2)
+        for bad in (f"{value}|{expires}|{'0' * len(sig)}", f"mallory|{expires}|{sig}", f"{value}|1|{sig}"):
+            c.cookies.delete(identity.USER_COOKIE)
+            c.cookies.set(identity.USER_COOKIE, bad)
+            r = rate(c, mid)
+            assert r.status_code == 401 and "log in again" in r.json()["error"]["message"]
+            page = c.get("/", follow_redirects=False)  # the browser goes back to the login form
+            assert page.status_code == 303 and page.headers["location"] == "/login"
+    assert feedback_rows(engine) == []
+
+
+def test_reserved_and_malformed_names_are_refused(settings, engine):
+    for owner in ("admin", "cli", "open", "anonymous:x", "", "a" * 129, "tab\there"):
+        try:
+            identity.issue_key(engine, owner, "", by="test")
+        except identity.ApiKeyError:
+            continue
+        raise AssertionError(f"owner {owner!r} was accepted")
+    settings.users = "admin:pw"
+    import pytest
+
+    with pytest.raises(ValueError, match="TUNELOOP_USERS"):
+        app_for(settings, engine)
+
+
+def test_anonymous_sessions_share_one_author_cap(settings, engine):
+    from feedback import curation
+    from feedback import record as feedback
+
+    settings.curation_author_cap = 3
+    fbs = [feedback.record(engine, settings, add_turn(engine, author=f"anonymous:s{i}"), author=f"anonymous:s{i}",
+                           rating="down", correction=f"Better {i}.") for i in range(5)]
+    report = curation.bulk(engine, settings, "approve", curation.Filters(status="pending"))
+    assert report.done == 3 and len(report.skipped) == 2  # five fresh sessions are still one crowd
+    assert "anonymous sessions together" in str(report.skipped[0])
+    assert len(fbs) == 5
+
+
+def test_the_proxy_header_through_a_real_server_on_loopback(settings, engine):
+    """As deployed: a proxy on the same machine connects from 127.0.0.1 and adds X-Forwarded-For; the
+    peer address checked is the proxy's own."""
+    import httpx
+
+    from conftest import serve_app
+
+    vllm = VLLMClient(settings.served_vllm_url)
+    mid = add_turn(engine, author="carol")
+    settings.trusted_proxies = "127.0.0.1"
+    with serve_app(Services(settings, engine, vllm, ChatService(settings, engine, vllm, "tiny"), "tiny")) as url:
+        r = httpx.post(f"{url}/api/feedback", json={"message_id": mid, "rating": "up"},
+                       headers={"X-Forwarded-User": "carol", "X-Forwarded-For": "203.0.113.7"})
+        assert r.status_code == 200 and r.json()["author"] == "carol"
+    settings.trusted_proxies = "10.0.0.1"  # not this peer: the same header is ignored
+    with serve_app(Services(settings, engine, vllm, ChatService(settings, engine, vllm, "tiny"), "tiny")) as url:
+        r = httpx.post(f"{url}/api/feedback", json={"message_id": mid, "rating": "down"},
+                       headers={"X-Forwarded-User": "carol", "X-Forwarded-For": "10.0.0.1"})
+        assert r.status_code == 403

@@ -16,7 +16,7 @@ from serve import adapters, identity
 from sqlmodel import select
 
 from conftest import serve_app, services_for
-from test_browser import browser  # noqa: F401  (the Chromium fixture)
+from test_browser import browser  # noqa: F401,F811  (the Chromium fixture, a parameter below)
 
 pytestmark = pytest.mark.integration
 
@@ -155,7 +155,7 @@ def test_cli_retrain_now_follows_the_running_service_to_its_decision(live_url, t
 
 
 @pytest.mark.browser
-def test_the_runs_tab_shows_the_real_cycle_in_chromium(browser, live, live_url):
+def test_the_runs_tab_shows_the_real_cycle_in_chromium(browser, live, live_url):  # noqa: F811
     """After the cycles above: the Runs tab lists them; one shows its loss curve, both versions' metrics
     in named columns, the data it used and the decision."""
     from test_browser import wait_until
