@@ -111,7 +111,7 @@ class EvalResult(SQLModel, table=True):
 
 class SplitKey(SQLModel, table=True):
     """Every prompt ever seen, with its frozen split. Never deleted, and updated only by the explicit
-    `tuneloop data resplit` (retrain/resplit.py, which never moves a scored test prompt into train):
+    `tuneloop data resplit` (retrain/resplit.py, which never moves a test prompt into train):
     an example's split does not move, even when the example itself is withdrawn and comes back."""
 
     key: str = Field(primary_key=True, max_length=40)  # hash of the normalized prompt
