@@ -16,6 +16,10 @@ def now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+# Authors of this prefix are anonymous sessions (serve/identity.py): anyone can open one.
+ANONYMOUS = "anonymous:"
+
+
 class Conversation(SQLModel, table=True):
     id: Optional[int] = Field(default=None, primary_key=True)
     source: str = Field(max_length=16)  # "ui" | "api"

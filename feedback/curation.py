@@ -16,7 +16,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, delete, func, select
 
 from data_store.db import session
-from data_store.models import Example, Feedback, LabelSet, Message, SplitKey, TrainingRun, now
+from data_store.models import ANONYMOUS, Example, Feedback, LabelSet, Message, SplitKey, TrainingRun, now
 from feedback.record import UNSET, check
 from retrain import dataset, importer
 from settings import Settings
@@ -58,7 +58,7 @@ class QueueItem:
 def auto_approves(settings: Settings, fb: Feedback) -> bool:
     """Pure policy: trusted authors, and (if enabled) plain thumbs-up, skip the queue. Anonymous
     sessions never do: anyone can open one."""
-    if fb.author.startswith("anonymous:"):
+    if fb.author.startswith(ANONYMOUS):
         return False
     if fb.author in settings.trusted:
         return fb.rating is not None or fb.correction is not None
@@ -146,8 +146,8 @@ def approve_in(s: Session, settings: Settings, fb: Feedback) -> Example:
     if chosen is None and rejected is None:
         raise CurationError(f"feedback {fb.id} has no rating or correction; there is nothing to learn from it")
     # Anyone can open a new anonymous session, so all anonymous sessions share one cap.
-    anonymous = fb.author.startswith("anonymous:")
-    same_author = Example.author.startswith("anonymous:") if anonymous else Example.author == fb.author
+    anonymous = fb.author.startswith(ANONYMOUS)
+    same_author = Example.author.startswith(ANONYMOUS) if anonymous else Example.author == fb.author
     approved = s.exec(select(func.count()).select_from(Example).where(
         Example.source == "feedback", same_author, Example.created_at >= cycle_start(s),
         Example.feedback_id != fb.id)).one()

@@ -67,6 +67,30 @@ def _same(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
 
 
+def match(logins: list[tuple[str, str]], user: str, password: str) -> Optional[str]:
+    """The login a user name and password match, or None; every pair is compared (constant time)."""
+    ok = None
+    for name, expected in logins:
+        if _same(user, name) and _same(password, expected):
+            ok = name
+    return ok
+
+
+def credentials(request: Request) -> tuple[str, str]:
+    """The Authorization header as (scheme, value): scheme lower-cased, '' when there is none."""
+    scheme, _, value = request.headers.get("authorization", "").strip().partition(" ")
+    return scheme.lower(), value.strip()
+
+
+def basic(value: str) -> Optional[tuple[str, str]]:
+    """(user, password) from an HTTP Basic value, or None when it is malformed."""
+    try:
+        user, _, password = base64.b64decode(value, validate=True).decode().partition(":")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return user, password
+
+
 class Signer:
     """Signed, expiring cookie values. The purpose is signed too, so a chat user's session cookie can
     never pass as a curator's, even under the same name."""
@@ -103,10 +127,7 @@ class CuratorAuth:
 
     def login(self, user: str, password: str) -> Optional[str]:
         """The curator a user name and password identify, or None."""
-        ok = None
-        for name, expected in self.settings.curator_logins:
-            if _same(user, name) and _same(password, expected):
-                ok = name
+        ok = match(self.settings.curator_logins, user, password)
         if self.settings.admin_token and _same(user, ADMIN_USER) and _same(password, self.settings.admin_token):
             ok = ADMIN_USER
         return ok
@@ -131,15 +152,11 @@ class CuratorAuth:
         With nothing configured everyone curates, as `open`."""
         if not self.required:
             return "open"
-        header = request.headers.get("authorization", "")
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() == "bearer" and value:
-            return self._bearer(value.strip())
-        if scheme.lower() == "basic" and value:
-            try:
-                user, _, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
-            except (ValueError, UnicodeDecodeError):
-                return None
-            return self.login(user, password)
+        scheme, value = credentials(request)
+        if scheme == "bearer" and value:
+            return self._bearer(value)
+        if scheme == "basic" and value:
+            pair = basic(value)
+            return self.login(*pair) if pair else None
         cookie = request.cookies.get(COOKIE)
         return self._from_cookie(cookie) if cookie else None

@@ -91,6 +91,8 @@ class ChatService:
         messages[store_from:] are new and stored with the answer; earlier ones already are.
         """
         check_messages(messages, self.settings.max_input_chars)
+        if conversation_id is not None:
+            self._check_owner(conversation_id, author)  # before the model spends an answer on it
         params = dict(params or {})
         params.setdefault("max_tokens", self.settings.max_new_tokens)
         params.setdefault("temperature", self.settings.temperature)
@@ -129,6 +131,13 @@ class ChatService:
         assert turn is not None
         return turn
 
+    def _check_owner(self, conversation_id: int, author: str) -> None:
+        with session(self.engine) as s:
+            conv = s.get(Conversation, conversation_id)
+            owned = conv is not None and conv.author == author[:128]
+        if not owned:
+            raise ChatInputError(f"conversation {conversation_id} is not one of yours; start a new one")
+
     def _store(self, new: list[dict[str, str]], answer: str, adapter: Optional[str], usage: dict[str, Any],
                latency_ms: float, conversation_id: Optional[int], source: str, author: str) -> Turn:
         with session(self.engine) as s:
@@ -139,9 +148,6 @@ class ChatService:
                 conversation_id = conv.id
                 position = 0
             else:
-                conv = s.get(Conversation, conversation_id)
-                if conv is None or conv.author != author[:128]:
-                    raise ChatInputError(f"conversation {conversation_id} is not one of yours; start a new one")
                 position = s.exec(select(func.count()).select_from(Message).where(Message.conversation_id == conversation_id)).one()
             for m in new:
                 s.add(Message(conversation_id=conversation_id, position=position, role=m["role"], content=m["content"]))

@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import gradio as gr
 
+from data_store.models import ANONYMOUS
 from feedback import record as feedback
 from serve.chat import ChatInputError, Turn
 from serve.client import VLLMError, VLLMUnavailable
@@ -48,7 +49,7 @@ def build(services: Services) -> gr.Blocks:
 
     def whoami(request: gr.Request) -> str:
         user = getattr(request, "username", None) or "?"
-        if user.startswith("anonymous:"):
+        if user.startswith(ANONYMOUS):
             return "You are not logged in: your feedback is kept under this browser's session." + (
                 " [Log in](/login)" if settings.user_logins else "")
         return f"Logged in as **{user}** · [Log out](/logout)"

@@ -13,7 +13,6 @@ Credentials that are sent but wrong (a revoked key, a bad password) are refused,
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import ipaddress
 import secrets
@@ -25,11 +24,9 @@ from sqlalchemy.engine import Engine
 from sqlmodel import select
 
 from data_store.db import session
-from data_store.models import ApiKey, now
-from serve.auth import ADMIN_USER, CuratorAuth, _same
+from data_store.models import ANONYMOUS, ApiKey, now
+from serve.auth import ADMIN_USER, CuratorAuth, _same, basic, credentials, match
 from settings import Settings
-
-ANONYMOUS = "anonymous:"
 USER_COOKIE = "tuneloop_user"
 SESSION_COOKIE = "tuneloop_session"
 SESSION_STATE = "tuneloop_session"  # request.state key: the session id a first request was given
@@ -135,11 +132,7 @@ class Identities:
 
     # -- chat accounts --
     def login(self, user: str, password: str) -> Optional[str]:
-        ok = None
-        for name, expected in self.settings.user_logins:
-            if _same(user, name) and _same(password, expected):
-                ok = name
-        return ok
+        return match(self.settings.user_logins, user, password)
 
     def session_cookie(self, user: str) -> str:
         return self.signer.sign("user", user, USER_SESSION_S)
@@ -156,23 +149,20 @@ class Identities:
 
     # -- the identity of a request --
     def identify(self, request: Request) -> str:
-        header = request.headers.get("authorization", "").strip()
-        scheme, _, value = header.partition(" ")
-        value = value.strip()
-        if header and not (scheme.lower() in ("bearer", "basic") and value):
+        scheme, value = credentials(request)
+        if scheme and not (scheme in ("bearer", "basic") and value):
             raise Unidentified("unrecognized Authorization header; send 'Bearer <API key>' or HTTP Basic")
-        if scheme.lower() == "bearer" and value:
+        if scheme == "bearer":
             if value.startswith(KEY_PREFIX):
                 return key_owner(self.engine, value)
             if self.settings.admin_token and _same(value, self.settings.admin_token):
                 return ADMIN_USER
             raise Unidentified("unknown bearer token; send an API key a curator issued (`tuneloop keys issue USER`)")
-        if scheme.lower() == "basic" and value:
-            try:
-                user, _, password = base64.b64decode(value, validate=True).decode().partition(":")
-            except (ValueError, UnicodeDecodeError):
+        if scheme == "basic":
+            pair = basic(value)
+            if pair is None:
                 raise Unidentified("malformed HTTP Basic credentials")
-            who = self.login(user, password)
+            who = self.login(*pair)
             if who is None:
                 raise Unidentified("wrong user or password (chat accounts are set in TUNELOOP_USERS)")
             return who
@@ -205,17 +195,8 @@ class Identities:
 
     def _from_proxy(self, request: Request) -> bool:
         host = request.client.host if request.client else ""
-        for p in self._proxies:
-            if isinstance(p, str):
-                if host == p:
-                    return True
-            elif _is_ip(host) and ipaddress.ip_address(host) in p:
-                return True
-        return False
-
-
-def is_anonymous(author: str) -> bool:
-    return author.startswith(ANONYMOUS)
+        addr = ipaddress.ip_address(host) if _is_ip(host) else None
+        return any(host == p if isinstance(p, str) else addr is not None and addr in p for p in self._proxies)
 
 
 def _is_ip(text: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+from typing import Callable, Optional
 from urllib.parse import quote
 
 import gradio as gr
@@ -31,6 +32,30 @@ def _page(kind: dict, error: str = "", status: int = 200) -> HTMLResponse:
     return HTMLResponse(LOGIN_PAGE.format(error=html.escape(error), **kind), status_code=status)
 
 
+def _login_routes(app: FastAPI, prefix: str, page: dict, login: Callable[[str, str], Optional[str]], cookie: str,
+                  session_cookie: Callable[[str], str], max_age: int, logged_out: str) -> None:
+    """GET and POST {prefix}/login (the form sets a signed session cookie) and {prefix}/logout."""
+    @app.get(f"{prefix}/login", include_in_schema=False)
+    async def login_form():
+        return _page(page)
+
+    @app.post(f"{prefix}/login", include_in_schema=False)
+    async def log_in(username: str = Form(""), password: str = Form("")):
+        user = login(username, password)
+        if user is None:
+            return _page(page, "Wrong user or password.", 401)
+        response = RedirectResponse(f"{prefix}/", status_code=303)
+        # Strict: a page on another site cannot make the browser send it with a forged POST.
+        response.set_cookie(cookie, session_cookie(user), max_age=max_age, httponly=True, samesite="strict", path="/")
+        return response
+
+    @app.get(f"{prefix}/logout", include_in_schema=False)
+    async def log_out():
+        response = RedirectResponse(logged_out, status_code=303)
+        response.delete_cookie(cookie, path="/")
+        return response
+
+
 def build_app(services: Services) -> FastAPI:
     app = FastAPI(title="tuneloop", docs_url="/api/docs", openapi_url="/api/openapi.json")
     api.install_error_handlers(app)
@@ -38,49 +63,12 @@ def build_app(services: Services) -> FastAPI:
     app.include_router(api.router(services))
     curators = services.auth
 
-    # Routes on this app come before the mounts, so these answer before Gradio's own /curate/login.
-    @app.get("/curate/login", include_in_schema=False)
-    async def login_form():
-        return _page(CURATOR_LOGIN)
-
-    @app.post("/curate/login", include_in_schema=False)
-    async def login(username: str = Form(""), password: str = Form("")):
-        user = curators.login(username, password)
-        if user is None:
-            return _page(CURATOR_LOGIN, "Wrong user or password.", 401)
-        response = RedirectResponse("/curate/", status_code=303)
-        # Strict: a page on another site cannot make the browser send it with a forged POST.
-        response.set_cookie(auth.COOKIE, curators.session_cookie(user), max_age=auth.SESSION_S, httponly=True,
-                            samesite="strict", path="/")
-        return response
-
-    @app.get("/curate/logout", include_in_schema=False)
-    async def logout():
-        response = RedirectResponse("/curate/login", status_code=303)
-        response.delete_cookie(auth.COOKIE, path="/")
-        return response
-
     people = services.identities
-
-    @app.get("/login", include_in_schema=False)
-    async def chat_login_form():
-        return _page(CHAT_LOGIN)
-
-    @app.post("/login", include_in_schema=False)
-    async def chat_login(username: str = Form(""), password: str = Form("")):
-        user = people.login(username, password)
-        if user is None:
-            return _page(CHAT_LOGIN, "Wrong user or password.", 401)
-        response = RedirectResponse("/", status_code=303)
-        response.set_cookie(identity.USER_COOKIE, people.session_cookie(user), max_age=identity.USER_SESSION_S,
-                            httponly=True, samesite="strict", path="/")
-        return response
-
-    @app.get("/logout", include_in_schema=False)
-    async def chat_logout():
-        response = RedirectResponse("/login" if services.settings.user_logins else "/", status_code=303)
-        response.delete_cookie(identity.USER_COOKIE, path="/")
-        return response
+    # Routes on this app come before the mounts, so these answer before Gradio's own /curate/login.
+    _login_routes(app, "/curate", CURATOR_LOGIN, curators.login, auth.COOKIE, curators.session_cookie, auth.SESSION_S,
+                  logged_out="/curate/login")
+    _login_routes(app, "", CHAT_LOGIN, people.login, identity.USER_COOKIE, people.session_cookie, identity.USER_SESSION_S,
+                  logged_out="/login" if services.settings.user_logins else "/")
 
     @app.middleware("http")
     async def chat_page(request: Request, call_next):

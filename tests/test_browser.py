@@ -54,6 +54,16 @@ def send(page, text: str) -> str:
     return page.locator("#chat [data-testid='bot']").last.inner_text()
 
 
+def dislike_and_correct(page, correction: str) -> None:
+    """Thumbs down on the last answer, then edit it into the correction."""
+    page.locator("#chat button[aria-label='Dislike']").last.click()
+    wait_until(lambda: "rated 👎" in page.locator("#status").inner_text())
+    page.locator("#chat button[aria-label='Edit']").last.click()
+    page.locator("#chat textarea.edit-textarea").fill(correction)
+    page.locator("#chat button[aria-label='Submit']").click()
+    wait_until(lambda: "Correction saved" in page.locator("#status").inner_text())
+
+
 def test_chat_thumbs_down_and_correct(page, live):
     wait_until(lambda: "Serving the base model" in page.locator("#serving").inner_text())
     answer = send(page, "What is the capital of France?")
@@ -69,13 +79,7 @@ def test_chat_thumbs_down_and_correct(page, live):
         convo = s.exec(select(Message).where(Message.conversation_id == msg.conversation_id).order_by(Message.position)).all()
     assert [(m.role, m.content) for m in convo] == [("user", "What is the capital of France?"), ("assistant", answer)]
 
-    page.locator("#chat button[aria-label='Dislike']").last.click()
-    wait_until(lambda: "rated 👎" in page.locator("#status").inner_text())
-
-    page.locator("#chat button[aria-label='Edit']").last.click()
-    page.locator("#chat textarea.edit-textarea").fill("Paris is the capital of France.")
-    page.locator("#chat button[aria-label='Submit']").click()
-    wait_until(lambda: "Correction saved" in page.locator("#status").inner_text())
+    dislike_and_correct(page, "Paris is the capital of France.")
 
     page.locator("#comment textarea").fill("It rambled.")
     page.locator("#save-comment").click()
@@ -111,12 +115,7 @@ def test_ui_feedback_to_curator_approval_to_export(page, browser, live, live_url
     from retrain import export
 
     answer = send(page, "What is the capital of Spain?")
-    page.locator("#chat button[aria-label='Dislike']").last.click()
-    wait_until(lambda: "rated 👎" in page.locator("#status").inner_text())
-    page.locator("#chat button[aria-label='Edit']").last.click()
-    page.locator("#chat textarea.edit-textarea").fill("Madrid is the capital of Spain.")
-    page.locator("#chat button[aria-label='Submit']").click()
-    wait_until(lambda: "Correction saved" in page.locator("#status").inner_text())
+    dislike_and_correct(page, "Madrid is the capital of Spain.")
     with session(live.engine) as s:
         fb = s.exec(select(Feedback).where(Feedback.correction == "Madrid is the capital of Spain.")).one()
     assert fb.status == "pending"
@@ -202,12 +201,7 @@ def test_a_failed_turn_then_thumbs_down_and_edit_land_on_the_right_answer(page, 
     assert page.locator("#chat [data-testid='user']").count() == 1  # the failed question left the chat
 
     answer = send(page, "What is the capital of Italy?")
-    page.locator("#chat button[aria-label='Dislike']").last.click()
-    wait_until(lambda: "rated 👎" in page.locator("#status").inner_text())
-    page.locator("#chat button[aria-label='Edit']").last.click()
-    page.locator("#chat textarea.edit-textarea").fill("Rome is the capital of Italy.")
-    page.locator("#chat button[aria-label='Submit']").click()
-    wait_until(lambda: "Correction saved" in page.locator("#status").inner_text())
+    dislike_and_correct(page, "Rome is the capital of Italy.")
     third = send(page, "And of Spain?")  # after an edit: the model is sent the stored (original) answer
     page.locator("#chat button[aria-label='Like']").last.click()
     wait_until(lambda: "rated 👍" in page.locator("#status").inner_text())
