@@ -17,12 +17,12 @@ from sqlalchemy.engine import Engine
 from data_store.db import session
 from data_store.text import unstorable
 from data_store.models import Example, LabelSet, SplitKey, now
-from retrain import dataset, records
+from retrain import dataset, parse
 from settings import Settings
 
 
 class ImportFailed(ValueError):
-    def __init__(self, message: str, errors: list[records.LineError]):
+    def __init__(self, message: str, errors: list[parse.LineError]):
         super().__init__(message)
         self.errors = errors
 
@@ -78,22 +78,22 @@ def import_file(engine: Engine, settings: Settings, path: Path, skip_invalid: bo
     allowed = known_labels(engine)
     if labels:
         allowed = (allowed or set()) | set(labels)
-    parsed = records.parse_lines(lines, path.name, allowed)
+    parsed = parse.parse_lines(lines, path.name, allowed)
     report = ImportReport(lines=sum(1 for line in lines if line.strip()), invalid=[str(e) for e in parsed.errors])
     if parsed.errors and not skip_invalid:
         shown = "\n  ".join(report.invalid[:20]) + (f"\n  ... and {len(parsed.errors) - 20} more" if len(parsed.errors) > 20 else "")
         raise ImportFailed(f"{path.name}: {len(parsed.errors)} bad line(s); nothing was imported "
                            f"(fix them, or pass --skip-invalid to import the good lines):\n  {shown}", parsed.errors)
-    kept, dropped = records.clean(parsed.records, settings.max_input_chars)
+    kept, dropped = parse.clean(parsed.records, settings.max_input_chars)
     report.dropped = dict(dropped)
-    report.class_balance = records.class_balance(kept)
+    report.class_balance = parse.class_balance(kept)
     rows, keys = [], {}
     for r in kept:
         h = dataset.content_hash(r.prompt, r.chosen, r.rejected, r.label, r.kind)
         rows.append((h, r))
     with session(engine) as s:
         present = _existing_hashes(s, [h for h, _ in rows])
-    unique: dict[str, records.Record] = {}
+    unique: dict[str, parse.Record] = {}
     for h, r in rows:
         if h in present:
             report.already_present += 1
@@ -133,7 +133,7 @@ def import_file(engine: Engine, settings: Settings, path: Path, skip_invalid: bo
     return report
 
 
-def near_duplicate_report(unique: dict[str, records.Record], keys: dict[str, str], splits: "Splits") -> dict[str, Any]:
+def near_duplicate_report(unique: dict[str, parse.Record], keys: dict[str, str], splits: "Splits") -> dict[str, Any]:
     """How many new examples a dataset build will fold into another, and why."""
     by_key = Counter(keys[h] for h in unique)
     new = {row["key"] for row in splits.new_rows}

@@ -7,7 +7,7 @@ from sqlmodel import func, select
 
 from data_store.db import session
 from data_store.models import Example, SplitKey
-from retrain import dataset, export, importer, records
+from retrain import dataset, export, importer, parse
 from retrain.importer import ImportFailed
 
 
@@ -88,11 +88,11 @@ def test_skip_invalid_imports_good_lines_and_reports_bad(engine, settings, tmp_p
 
 
 def test_cleaning_normalizes_and_drops_with_reasons(settings):
-    recs = [records.Record(prompt=[{"role": "user", "content": "  hi \r\n\r\n\r\n\r\nthere  "}], chosen="ok  \n"),
-            records.Record(prompt=[{"role": "user", "content": "   "}], chosen="x"),
-            records.Record(prompt=[{"role": "user", "content": "q"}], chosen=""),
-            records.Record(prompt=[{"role": "user", "content": "q" * 50}], chosen="x")]
-    kept, dropped = records.clean(recs, max_chars=40)
+    recs = [parse.Record(prompt=[{"role": "user", "content": "  hi \r\n\r\n\r\n\r\nthere  "}], chosen="ok  \n"),
+            parse.Record(prompt=[{"role": "user", "content": "   "}], chosen="x"),
+            parse.Record(prompt=[{"role": "user", "content": "q"}], chosen=""),
+            parse.Record(prompt=[{"role": "user", "content": "q" * 50}], chosen="x")]
+    kept, dropped = parse.clean(recs, max_chars=40)
     assert [r.prompt[0]["content"] for r in kept] == ["hi\n\nthere"] and kept[0].chosen == "ok"
     assert dropped == {"empty": 2, "too long": 1}
 
