@@ -13,7 +13,6 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from pydantic import ValidationError
@@ -55,8 +54,8 @@ def fail(message: str) -> None:
 
 
 @app.command()
-def serve(host: Optional[str] = typer.Option(None, help="Override TUNELOOP_HOST."),
-          port: Optional[int] = typer.Option(None, help="Override TUNELOOP_PORT.")) -> None:
+def serve(host: str | None = typer.Option(None, help="Override TUNELOOP_HOST."),
+          port: int | None = typer.Option(None, help="Override TUNELOOP_PORT.")) -> None:
     """Start vLLM (or connect to an external one), the web app and the API."""
     import uvicorn
 
@@ -123,7 +122,7 @@ def _app_headers(settings) -> dict:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def _through_app(settings, path: str, body: Optional[dict] = None):
+def _through_app(settings, path: str, body: dict | None = None):
     """Ask the running app to act, so it drains requests on the old version before unloading it.
 
     Returns the JSON answer, or None when the app is not running.
@@ -159,7 +158,7 @@ def adapters_list() -> None:
 
 
 @adapters_cli.command("add")
-def adapters_add(path: Path, name: Optional[str] = typer.Option(None, help="Version name; default vNNNN.")) -> None:
+def adapters_add(path: Path, name: str | None = typer.Option(None, help="Version name; default vNNNN.")) -> None:
     """Register an adapter trained elsewhere (validated, copied into its own version directory)."""
     from serve import adapters, model
 
@@ -208,7 +207,7 @@ def adapters_rollback() -> None:
 @data_cli.command("import")
 def data_import(file: Path,
                 skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Import the good lines and report the bad ones."),
-                labels: Optional[str] = typer.Option(None, help="Comma-separated labels to allow besides those already known."),
+                labels: str | None = typer.Option(None, help="Comma-separated labels to allow besides those already known."),
                 probes: bool = typer.Option(False, "--probes", help="Import as regression probes: every cycle's gate checks them; never trained on.")) -> None:
     """Import JSONL seed data (messages, prompt/completion, input/output or text/label)."""
     import json
@@ -265,7 +264,7 @@ def keys_revoke(key_id: int) -> None:
 
 
 @data_cli.command("labels")
-def data_labels(add: Optional[str] = typer.Option(None, "--add", help="Comma-separated labels to declare.")) -> None:
+def data_labels(add: str | None = typer.Option(None, "--add", help="Comma-separated labels to declare.")) -> None:
     """List the classification labels, or declare some: approved answers that are a label become classification examples."""
     from retrain import importer
 
@@ -352,9 +351,9 @@ def retrain(now: bool = typer.Option(False, "--now", help="Run one cycle now on 
 
 
 @app.command("export")
-def export_cmd(adapter: Optional[str] = typer.Option(None, help="Version to export; default: the active one (the base model if none)."),
-               merged: Optional[Path] = typer.Option(None, help="Write base+adapter merged weights (safetensors) to this new directory."),
-               gguf: Optional[Path] = typer.Option(None, help="Write the merged model as GGUF for llama.cpp to this file."),
+def export_cmd(adapter: str | None = typer.Option(None, help="Version to export; default: the active one (the base model if none)."),
+               merged: Path | None = typer.Option(None, help="Write base+adapter merged weights (safetensors) to this new directory."),
+               gguf: Path | None = typer.Option(None, help="Write the merged model as GGUF for llama.cpp to this file."),
                gguf_dtype: str = typer.Option("f16", help="GGUF tensor type: f16 or f32.")) -> None:
     """Export merged full weights (loads in transformers and vLLM) and/or GGUF (llama.cpp)."""
     import tempfile

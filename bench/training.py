@@ -77,9 +77,8 @@ def main() -> None:
 
     import torch
     from datasets import Dataset
-    from trl import SFTConfig
-
     from transformers import AutoTokenizer
+    from trl import SFTConfig
 
     from retrain.train import TrainSpec, batching, lora_config, row_tokens, sft_config
     from serve import model

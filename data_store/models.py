@@ -5,15 +5,15 @@ Schema changes go through Alembic (data_store/migrations), never create_all.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Any, Optional
+from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import JSON, Column, Index, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 
 def now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 # Authors of this prefix are anonymous sessions (serve/identity.py): anyone can open one.
@@ -21,34 +21,34 @@ ANONYMOUS = "anonymous:"
 
 
 class Conversation(SQLModel, table=True):
-    id: Optional[int] = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)
     source: str = Field(max_length=16)  # "ui" | "api"
     author: str = Field(default="anonymous", max_length=128)
     created_at: datetime = Field(default_factory=now)
 
 
 class Message(SQLModel, table=True):
-    id: Optional[int] = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)
     conversation_id: int = Field(foreign_key="conversation.id", index=True)
     position: int  # order inside the conversation
     role: str = Field(max_length=16)  # system | user | assistant
     content: str = Field(sa_column=Column(Text, nullable=False))
     # Which adapter version wrote an assistant message; NULL means the base model.
-    adapter: Optional[str] = Field(default=None, max_length=64, index=True)
-    prompt_tokens: Optional[int] = None
-    completion_tokens: Optional[int] = None
-    latency_ms: Optional[float] = None
+    adapter: str | None = Field(default=None, max_length=64, index=True)
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    latency_ms: float | None = None
     created_at: datetime = Field(default_factory=now)
 
 
 class Feedback(SQLModel, table=True):
     """At most one record per message: a second click or an edit updates it."""
 
-    id: Optional[int] = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)
     message_id: int = Field(foreign_key="message.id", unique=True)
-    rating: Optional[str] = Field(default=None, max_length=8)  # "up" | "down" | None
-    correction: Optional[str] = Field(default=None, sa_column=Column(Text))
-    comment: Optional[str] = Field(default=None, sa_column=Column(Text))
+    rating: str | None = Field(default=None, max_length=8)  # "up" | "down" | None
+    correction: str | None = Field(default=None, sa_column=Column(Text))
+    comment: str | None = Field(default=None, sa_column=Column(Text))
     author: str = Field(default="anonymous", max_length=128, index=True)
     status: str = Field(default="pending", max_length=16, index=True)  # pending | approved | rejected
     created_at: datetime = Field(default_factory=now)
@@ -56,13 +56,13 @@ class Feedback(SQLModel, table=True):
 
 
 class Adapter(SQLModel, table=True):
-    id: Optional[int] = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)
     name: str = Field(max_length=64, unique=True)  # never reused: vLLM caches by name
     path: str
     base_model: str
     rank: int
     status: str = Field(default="registered", max_length=16)  # registered | rejected
-    parent: Optional[str] = Field(default=None, max_length=64)
+    parent: str | None = Field(default=None, max_length=64)
     created_at: datetime = Field(default_factory=now)
     metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
 
@@ -73,8 +73,8 @@ class Deployment(SQLModel, table=True):
     adapter NULL means the base model serves.
     """
 
-    id: Optional[int] = Field(default=None, primary_key=True)
-    adapter: Optional[str] = Field(default=None, foreign_key="adapter.name")
+    id: int | None = Field(default=None, primary_key=True)
+    adapter: str | None = Field(default=None, foreign_key="adapter.name")
     rolled_back: bool = False
     created_at: datetime = Field(default_factory=now)
 
@@ -84,29 +84,29 @@ class TrainingRun(SQLModel, table=True):
     __table_args__ = (Index("uq_trainingrun_one_running", "status", unique=True,
                             sqlite_where=text("status = 'running'"), postgresql_where=text("status = 'running'")),)
 
-    id: Optional[int] = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)
     # The schedule slot this run is for ("2026-11-24T02:00:00+00:00", or "manual-..."): unique, so
     # two app processes firing the same due job make one run, not two.
-    slot: Optional[str] = Field(default=None, max_length=64, unique=True)
+    slot: str | None = Field(default=None, max_length=64, unique=True)
     status: str = Field(default="running", max_length=16)  # running | succeeded | failed | skipped
     # "host:pid:start-time" of the process running the cycle, so a restart can tell a dead one.
-    owner: Optional[str] = Field(default=None, max_length=128)
-    reason: Optional[str] = Field(default=None, sa_column=Column(Text))
-    adapter: Optional[str] = Field(default=None, max_length=64)
+    owner: str | None = Field(default=None, max_length=128)
+    reason: str | None = Field(default=None, sa_column=Column(Text))
+    adapter: str | None = Field(default=None, max_length=64)
     dataset: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     history: list[Any] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))  # loss curves
     decision: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    log: Optional[str] = Field(default=None, sa_column=Column(Text))
+    log: str | None = Field(default=None, sa_column=Column(Text))
     started_at: datetime = Field(default_factory=now)
-    finished_at: Optional[datetime] = None
+    finished_at: datetime | None = None
 
 
 class EvalResult(SQLModel, table=True):
     __table_args__ = (UniqueConstraint("run_id", "adapter", "metric"),)
 
-    id: Optional[int] = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)
     run_id: int = Field(foreign_key="trainingrun.id", index=True)
-    adapter: Optional[str] = Field(default=None, max_length=64)  # NULL: base model
+    adapter: str | None = Field(default=None, max_length=64)  # NULL: base model
     metric: str = Field(max_length=32)
     value: float
     per_example: list[float] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
@@ -127,16 +127,16 @@ class SplitKey(SQLModel, table=True):
 class Example(SQLModel, table=True):
     """One curated training example: from an imported file or from approved feedback."""
 
-    id: Optional[int] = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)
     source: str = Field(max_length=16)  # import | feedback
     source_ref: str = Field(max_length=300)  # "file.jsonl:12" or "feedback:7"
-    feedback_id: Optional[int] = Field(default=None, foreign_key="feedback.id", unique=True)
+    feedback_id: int | None = Field(default=None, foreign_key="feedback.id", unique=True)
     content_hash: str = Field(max_length=40, unique=True)  # re-importing the same line adds nothing
     kind: str = Field(default="chat", max_length=16)  # chat | classification
     prompt: list[dict[str, Any]] = Field(sa_column=Column(JSON, nullable=False))  # messages before the answer
-    chosen: Optional[str] = Field(default=None, sa_column=Column(Text))  # the good answer (or the label)
-    rejected: Optional[str] = Field(default=None, sa_column=Column(Text))  # the bad answer it replaces
-    label: Optional[str] = Field(default=None, max_length=200)  # classification label
+    chosen: str | None = Field(default=None, sa_column=Column(Text))  # the good answer (or the label)
+    rejected: str | None = Field(default=None, sa_column=Column(Text))  # the bad answer it replaces
+    label: str | None = Field(default=None, max_length=200)  # classification label
     rating: int = 0  # +1 liked or corrected, -1 disliked, 0 unrated (imports)
     author: str = Field(default="import", max_length=128, index=True)
     prompt_key: str = Field(foreign_key="splitkey.key", index=True, max_length=40)
@@ -154,10 +154,10 @@ class ApiKey(SQLModel, table=True):
     """A key an API client sends as `Authorization: Bearer <key>`; it acts as `owner`. Only its hash
     is stored, so the database does not hold usable keys."""
 
-    id: Optional[int] = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)
     owner: str = Field(max_length=128, index=True)
     label: str = Field(default="", max_length=200)
     key_hash: str = Field(max_length=64, unique=True)
     created_by: str = Field(max_length=128)
     created_at: datetime = Field(default_factory=now)
-    revoked_at: Optional[datetime] = None
+    revoked_at: datetime | None = None

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 # JSON's "\ud800" escapes decode to lone UTF-16 surrogates, which UTF-8 cannot encode; PostgreSQL
 # text cannot hold NUL. Both are refused at the edge rather than mangled or crashing the write.
 _BAD = re.compile("[\ud800-\udfff\x00]")
 
 
-def unstorable(value: str) -> Optional[str]:
+def unstorable(value: str) -> str | None:
     """Why `value` cannot be stored as it is, or None when it can."""
     m = _BAD.search(value)
     if m is None:

@@ -9,8 +9,8 @@ per retrain cycle, so a single account cannot teach the model much.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Optional
+from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, delete, func, select
@@ -32,12 +32,12 @@ class CurationError(ValueError):
 
 @dataclass
 class Filters:
-    status: Optional[str] = "pending"
-    rating: Optional[str] = None  # up | down | none
-    adapter: Optional[str] = None  # adapter name, or "base"
-    author: Optional[str] = None
-    since: Optional[datetime] = None
-    until: Optional[datetime] = None
+    status: str | None = "pending"
+    rating: str | None = None  # up | down | none
+    adapter: str | None = None  # adapter name, or "base"
+    author: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
 
 
 @dataclass
@@ -45,13 +45,13 @@ class QueueItem:
     feedback_id: int
     message_id: int
     status: str
-    rating: Optional[str]
+    rating: str | None
     author: str
-    adapter: Optional[str]
+    adapter: str | None
     context: list[dict[str, str]]  # the conversation up to the question
     answer: str  # what the model said
-    correction: Optional[str]
-    comment: Optional[str]
+    correction: str | None
+    comment: str | None
     updated_at: datetime
 
 
@@ -122,8 +122,8 @@ def cycle_start(s: Session) -> datetime:
     """The per-author cap counts approvals since the last retrain cycle began."""
     last = s.exec(select(func.max(TrainingRun.started_at))).one()
     if last is None:
-        return datetime(1970, 1, 1, tzinfo=timezone.utc)
-    return last if last.tzinfo else last.replace(tzinfo=timezone.utc)
+        return datetime(1970, 1, 1, tzinfo=UTC)
+    return last if last.tzinfo else last.replace(tzinfo=UTC)
 
 
 def approve(engine: Engine, settings: Settings, feedback_id: int, correction: Any = None) -> Example:
@@ -178,7 +178,7 @@ def approve_in(s: Session, settings: Settings, fb: Feedback) -> Example:
     return ex
 
 
-def known_label(s: Session, answer: Optional[str]) -> Optional[str]:
+def known_label(s: Session, answer: str | None) -> str | None:
     """The declared label this answer is (ignoring case, spaces and punctuation), if any."""
     if not answer or len(answer) > 200:
         return None

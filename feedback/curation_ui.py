@@ -7,29 +7,28 @@ table cells, never rendered as HTML.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Any, Optional
+from datetime import UTC, datetime
+from typing import Any
 
 import gradio as gr
 
-from feedback import curation
+from feedback import curation, runs_ui
 from feedback.record import FeedbackError
-from feedback import runs_ui
 from serve.services import Services
 
 COLUMNS = ["id", "status", "rating", "author", "adapter", "question", "answer", "correction", "comment", "updated"]
 
 
-def _date(text: str, field: str) -> Optional[datetime]:
+def _date(text: str, field: str) -> datetime | None:
     if not (text or "").strip():
         return None
     try:
-        return datetime.fromisoformat(text.strip()).replace(tzinfo=timezone.utc)
+        return datetime.fromisoformat(text.strip()).replace(tzinfo=UTC)
     except ValueError:
         raise gr.Error(f"{field} {text!r} is not a date; use YYYY-MM-DD") from None
 
 
-def _clip(text: Optional[str], n: int = 120) -> str:
+def _clip(text: str | None, n: int = 120) -> str:
     text = text or ""
     return text if len(text) <= n else text[: n - 1] + "…"
 
@@ -62,7 +61,7 @@ def build(services: Services) -> gr.Blocks:
         except (ValueError, IndexError, AttributeError):
             return None
 
-    def show(fid: Optional[float]):
+    def show(fid: float | None):
         if not fid:
             return "", "", "", ""
         try:
@@ -72,7 +71,7 @@ def build(services: Services) -> gr.Blocks:
         convo = "\n\n".join(f"[{m['role']}] {m['content']}" for m in i.context)
         return convo, i.answer, i.correction or "", f"{i.rating or 'no rating'} · {i.author} · {i.status} · comment: {i.comment or '-'}"
 
-    def act(action: str, fid: Optional[float], correction: str, *flt):
+    def act(action: str, fid: float | None, correction: str, *flt):
         if not fid:
             raise gr.Error("pick a feedback item first (click its row, or type its id)")
         try:

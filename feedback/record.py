@@ -6,7 +6,7 @@ Any change sends the record back to review (status pending).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -90,6 +90,6 @@ def _upsert(engine: Engine, settings: Settings, message_id: int, rating: Any, co
         return fb
 
 
-def get(engine: Engine, message_id: int) -> Optional[Feedback]:
+def get(engine: Engine, message_id: int) -> Feedback | None:
     with session(engine) as s:
         return s.exec(select(Feedback).where(Feedback.message_id == message_id)).first()

@@ -3,8 +3,6 @@ curves, metrics side by side, and decision with its reasons."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 import gradio as gr
 import pandas as pd
 
@@ -16,7 +14,7 @@ from serve.services import Services
 RUN_COLUMNS = ["id", "status", "adapter", "promoted", "decision or reason", "started"]
 
 
-def pick(rows: pd.DataFrame, evt: gr.SelectData) -> Optional[int]:
+def pick(rows: pd.DataFrame, evt: gr.SelectData) -> int | None:
     value = str(rows.iloc[evt.index[0], 0])
     return int(value) if value.isdigit() else None
 
@@ -45,7 +43,7 @@ def build(services: Services, demo: gr.Blocks) -> None:
         rows, serving = table()
         return rows, serving, f"Rolled back: {back or 'the base model'} serves again."
 
-    def detail(run_id: Optional[float]):
+    def detail(run_id: float | None):
         run = get_run(engine, int(run_id)) if run_id else None
         if run is None:
             return None, None, None, None

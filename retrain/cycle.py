@@ -12,9 +12,9 @@ import socket
 import subprocess
 import sys
 import traceback
-from datetime import timedelta, timezone
+from collections.abc import Callable
+from datetime import UTC, timedelta
 from pathlib import Path
-from typing import Callable, Optional
 
 import psutil
 from sqlalchemy.engine import Engine
@@ -64,7 +64,7 @@ def _alive(run: TrainingRun) -> bool:
             return f"{psutil.Process(int(pid)).create_time():.0f}" == created
         except (psutil.NoSuchProcess, ValueError):
             return False
-    started = run.started_at if run.started_at.tzinfo else run.started_at.replace(tzinfo=timezone.utc)
+    started = run.started_at if run.started_at.tzinfo else run.started_at.replace(tzinfo=UTC)
     return now() - started <= STALE_AFTER
 
 
@@ -81,7 +81,7 @@ def recover(engine: Engine) -> list[int]:
     return failed
 
 
-def running(engine: Engine) -> Optional[TrainingRun]:
+def running(engine: Engine) -> TrainingRun | None:
     recover(engine)
     with session(engine) as s:
         return s.exec(select(TrainingRun).where(TrainingRun.status == "running")).first()
@@ -206,7 +206,7 @@ def _cycle(settings, engine, client, base_model, base_served, run_id, promote, f
         raise
 
 
-def _discard(engine: Engine, client: VLLMClient, name: str, reason: Optional[str] = None) -> None:
+def _discard(engine: Engine, client: VLLMClient, name: str, reason: str | None = None) -> None:
     with session(engine) as s:
         a = s.exec(select(Adapter).where(Adapter.name == name)).one()
         a.status = "rejected"

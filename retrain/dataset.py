@@ -18,8 +18,9 @@ import hashlib
 import json
 import re
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,7 @@ def prompt_key(prompt: Sequence[dict[str, str]]) -> str:
     return hashlib.sha1(key_text(prompt_text(prompt)).encode()).hexdigest()
 
 
-def content_hash(prompt: Any, chosen: Optional[str], rejected: Optional[str], label: Optional[str], kind: str) -> str:
+def content_hash(prompt: Any, chosen: str | None, rejected: str | None, label: str | None, kind: str) -> str:
     blob = json.dumps([prompt, chosen, rejected, label, kind], ensure_ascii=False, sort_keys=True)
     return hashlib.sha1(blob.encode("utf-8", "surrogatepass")).hexdigest()
 
@@ -58,7 +59,7 @@ def shingles(text: str) -> set[str]:
     return {f"{a} {b}" for a, b in zip(words, words[1:])} or set(words) or {""}
 
 
-def template(examples: Iterable[tuple[str, Optional[str]]]) -> frozenset[str]:
+def template(examples: Iterable[tuple[str, str | None]]) -> frozenset[str]:
     """The shingles that templated data repeats in every example, from (prompt text, answer) pairs.
 
     A shingle is template when at least TEMPLATE_SHARE of the distinct prompts (and at least
@@ -137,7 +138,7 @@ class NearDupIndex:
         self.sigs = np.zeros((capacity, NUM_PERM), dtype=np.uint32)
         self.tags: list[Any] = []
 
-    def add(self, sig: np.ndarray, tag: Any, keys: Optional[list[int]] = None) -> int:
+    def add(self, sig: np.ndarray, tag: Any, keys: list[int] | None = None) -> int:
         i = len(self.tags)
         if i == len(self.sigs):
             self.sigs = np.concatenate([self.sigs, np.zeros_like(self.sigs)])
@@ -151,7 +152,7 @@ class NearDupIndex:
         for sig, tag, keys in zip(sigs, tags, band_keys(sigs)):
             self.add(sig, tag, keys)
 
-    def match(self, sig: np.ndarray, keys: Optional[list[int]] = None) -> Optional[int]:
+    def match(self, sig: np.ndarray, keys: list[int] | None = None) -> int | None:
         """Index of the most similar stored signature at or above the threshold, or None."""
         cands: set[int] = set()
         for bucket, k in zip(self.buckets, keys if keys is not None else band_keys(sig[None])[0]):
@@ -211,13 +212,13 @@ class Item:
 
     id: int
     prompt: list[dict[str, str]]
-    chosen: Optional[str]
-    rejected: Optional[str]
+    chosen: str | None
+    rejected: str | None
     rating: int
     split: str
     source: str
-    feedback_id: Optional[int] = None
-    label: Optional[str] = None
+    feedback_id: int | None = None
+    label: str | None = None
     kind: str = "chat"
 
 

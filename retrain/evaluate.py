@@ -18,9 +18,10 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from serve.client import VLLMClient
 
@@ -35,7 +36,7 @@ NLL_TOKENS_PER_BATCH = 2048
 class Case:
     prompt: list[dict[str, str]]
     reference: str
-    labels: Optional[list[str]] = None  # classification: the allowed answers
+    labels: list[str] | None = None  # classification: the allowed answers
 
 
 def normalize(text: str) -> str:
@@ -86,7 +87,7 @@ class Likelihood:
             raise ValueError("the chat template does not extend the prompt with the answer; cannot score NLL")
         return full, len(prompt)
 
-    def score(self, adapter_dir: Optional[str], cases: Sequence[Case]) -> list[float]:
+    def score(self, adapter_dir: str | None, cases: Sequence[Case]) -> list[float]:
         import torch
         import torch.nn.functional as F
         from peft import PeftModel
@@ -144,7 +145,7 @@ class Scorer:
             body["structured_outputs"] = {"choice": case.labels}
         return self.client.chat(body)["choices"][0]["message"]["content"] or ""
 
-    def score(self, model: str, adapter_dir: Optional[str], cases: Sequence[Case]) -> dict[str, list[float]]:
+    def score(self, model: str, adapter_dir: str | None, cases: Sequence[Case]) -> dict[str, list[float]]:
         """`model` is the name vLLM serves the version under; `adapter_dir` its files (None: base)."""
         import sacrebleu
 

@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +116,7 @@ def export(engine: Engine, fmt: str, split: str, out: Path, built: Built | None 
         "sha256": hashlib.sha256(data).hexdigest(),
         "example_ids": [it.id for it in items if dataset.FORMATS[fmt](it)],
         "feedback_ids": sorted(it.feedback_id for it in items if it.feedback_id is not None and dataset.FORMATS[fmt](it)),
-        "created_at": datetime.now(timezone.utc).isoformat(),
+        "created_at": datetime.now(UTC).isoformat(),
         "dataset": built.report(),
     }
     _atomic_write(out, data)

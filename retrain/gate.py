@@ -19,8 +19,9 @@ Promote only if every check passes:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -110,7 +111,7 @@ class Probe:
 
 
 def decide(candidate: Scores, active: Scores, cfg: GateConfig,
-           regression_candidate: Optional[Scores] = None, regression_active: Optional[Scores] = None) -> Decision:
+           regression_candidate: Scores | None = None, regression_active: Scores | None = None) -> Decision:
     """One kind of task, judged on `cfg.primary`."""
     return decide_by_kind({"chat": candidate}, {"chat": active}, cfg,
                           {"chat": regression_candidate} if regression_candidate else None,
@@ -118,7 +119,7 @@ def decide(candidate: Scores, active: Scores, cfg: GateConfig,
 
 
 def decide_by_kind(candidate: dict[str, Scores], active: dict[str, Scores], cfg: GateConfig,
-                   regression_candidate: Optional[dict[str, Scores]] = None, regression_active: Optional[dict[str, Scores]] = None,
+                   regression_candidate: dict[str, Scores] | None = None, regression_active: dict[str, Scores] | None = None,
                    probes: Sequence[Probe] = ()) -> Decision:
     """Each kind of task (chat, classification) must pass on its own metrics; check names carry the
     kind when the test set mixes kinds."""

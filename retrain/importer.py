@@ -8,15 +8,15 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 from sqlalchemy import func, insert, select
 from sqlalchemy.engine import Engine
 
 from data_store.db import session
-from data_store.text import unstorable
 from data_store.models import Example, LabelSet, SplitKey, now
+from data_store.text import unstorable
 from retrain import dataset, parse
 from settings import Settings
 
@@ -53,7 +53,7 @@ def read_lines(path: Path) -> list[bytes]:
     return lines
 
 
-def known_labels(engine: Engine) -> Optional[set[str]]:
+def known_labels(engine: Engine) -> set[str] | None:
     with session(engine) as s:
         labels = set(s.execute(select(LabelSet.label)).scalars().all())
     return labels or None
@@ -71,7 +71,7 @@ def declare_labels(engine: Engine, labels: list[str]) -> None:
 
 
 def import_file(engine: Engine, settings: Settings, path: Path, skip_invalid: bool = False,
-                labels: Optional[list[str]] = None, probes: bool = False) -> ImportReport:
+                labels: list[str] | None = None, probes: bool = False) -> ImportReport:
     """Import seed examples, or with `probes` regression probes: checked by every cycle's gate, never trained on."""
     path = Path(path)
     lines = read_lines(path)
@@ -133,7 +133,7 @@ def import_file(engine: Engine, settings: Settings, path: Path, skip_invalid: bo
     return report
 
 
-def near_duplicate_report(unique: dict[str, parse.Record], keys: dict[str, str], splits: "Splits") -> dict[str, Any]:
+def near_duplicate_report(unique: dict[str, parse.Record], keys: dict[str, str], splits: Splits) -> dict[str, Any]:
     """How many new examples a dataset build will fold into another, and why."""
     by_key = Counter(keys[h] for h in unique)
     new = {row["key"] for row in splits.new_rows}
@@ -168,12 +168,12 @@ class Splits:
     template: int = 0  # template bigrams left out of the comparison
 
 
-def assign(engine: Engine, settings: Settings, prompts: dict[str, list[dict[str, str]]], answers: dict[str, Optional[str]]) -> Splits:
+def assign(engine: Engine, settings: Settings, prompts: dict[str, list[dict[str, str]]], answers: dict[str, str | None]) -> Splits:
     with session(engine) as s:
         return assign_in(s, settings, prompts, answers, every_known=True)
 
 
-def assign_in(s, settings: Settings, prompts: dict[str, list[dict[str, str]]], answers: dict[str, Optional[str]],
+def assign_in(s, settings: Settings, prompts: dict[str, list[dict[str, str]]], answers: dict[str, str | None],
               every_known: bool = False) -> Splits:
     """Known keys keep their split; new ones get one (inherited from a near-duplicate, else the
     split furthest below its share). A bulk import compares new prompts with every stored one; one

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any
 
 from data_store.text import unstorable
 
@@ -24,10 +25,10 @@ ROLES = {"system", "user", "assistant"}
 @dataclass
 class Record:
     prompt: list[dict[str, str]]  # the messages before the answer
-    chosen: Optional[str]  # the good answer (for classification: the label)
+    chosen: str | None  # the good answer (for classification: the label)
     kind: str = "chat"  # chat | classification
-    label: Optional[str] = None
-    rejected: Optional[str] = None
+    label: str | None = None
+    rejected: str | None = None
     rating: int = 0
     author: str = "import"
     source_ref: str = ""
@@ -49,7 +50,7 @@ class Parsed:
     labels: dict[str, int] = field(default_factory=dict)  # label -> first line it appears on
 
 
-def parse_lines(lines: Iterable[bytes], source: str, known_labels: Optional[set[str]] = None) -> Parsed:
+def parse_lines(lines: Iterable[bytes], source: str, known_labels: set[str] | None = None) -> Parsed:
     """Every line is checked; errors name the line and the problem. Blank lines are skipped."""
     out = Parsed()
     for n, raw in enumerate(lines, start=1):

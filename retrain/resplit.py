@@ -18,7 +18,8 @@ The plan is a pure function; `resplit` applies it in one transaction and reports
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from sqlalchemy import select, update

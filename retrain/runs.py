@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from sqlalchemy.engine import Engine
 from sqlmodel import select
@@ -27,7 +27,7 @@ def list_runs(engine: Engine, limit: int = 50) -> list[dict[str, Any]]:
         return [_view(r, False) for r in s.exec(select(TrainingRun).order_by(TrainingRun.id.desc()).limit(limit)).all()]
 
 
-def get_run(engine: Engine, run_id: int) -> Optional[dict[str, Any]]:
+def get_run(engine: Engine, run_id: int) -> dict[str, Any] | None:
     with session(engine) as s:
         run = s.get(TrainingRun, run_id)
         return _view(run, True) if run else None

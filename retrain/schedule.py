@@ -15,8 +15,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from datetime import datetime, timedelta, timezone
-from typing import Callable, Optional
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -39,7 +39,7 @@ _FIRINGS: dict[str, Callable[[], None]] = {}
 def trigger(settings: Settings):
     from apscheduler.triggers.cron import CronTrigger
 
-    return CronTrigger.from_crontab(settings.schedule, timezone=timezone.utc)
+    return CronTrigger.from_crontab(settings.schedule, timezone=UTC)
 
 
 def slot_for(settings: Settings, at: datetime) -> str:
@@ -53,7 +53,7 @@ def slot_for(settings: Settings, at: datetime) -> str:
     return (latest or at).isoformat()
 
 
-def start_cycle(engine: Engine, slot: str, runner: Callable[[int], object]) -> Optional[int]:
+def start_cycle(engine: Engine, slot: str, runner: Callable[[int], object]) -> int | None:
     """Claim the slot and run the cycle; None when another process has the slot or a cycle is running,
     which a row for the slot then says."""
     try:
@@ -79,14 +79,14 @@ def _record_skip(engine: Engine, slot: str, reason: str) -> None:
 
 def firing(settings: Settings, engine: Engine, runner: Callable[[int], object]) -> Callable[[], None]:
     """What one scheduled firing does: claim the slot it belongs to and run the cycle in this thread."""
-    return lambda: start_cycle(engine, slot_for(settings, datetime.now(timezone.utc)), runner)
+    return lambda: start_cycle(engine, slot_for(settings, datetime.now(UTC)), runner)
 
 
 def _key(settings: Settings) -> str:
     return hashlib.sha256(settings.db_url.encode()).hexdigest()[:16]  # never the URL: it may hold a password
 
 
-def scheduled_cycle(key: Optional[str] = None) -> None:
+def scheduled_cycle(key: str | None = None) -> None:
     """The stored job: runs the firing its process registered for this database."""
     fire = _FIRINGS.get(key or "")
     if fire is None:
@@ -111,7 +111,7 @@ def start_scheduler(settings: Settings, fire: Callable[[], None], job: str = JOB
         jobstores={"default": SQLAlchemyJobStore(url=settings.db_url, tablename="apscheduler_jobs")},
         executors={"default": ThreadPoolExecutor(1)},
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": MISFIRE_GRACE_S},
-        timezone=timezone.utc,
+        timezone=UTC,
     )
     scheduler.start(paused=True)
     existing = scheduler.get_job(JOB_ID)
@@ -129,6 +129,6 @@ def start_scheduler(settings: Settings, fire: Callable[[], None], job: str = JOB
 def start_now(engine: Engine, runner: Callable[[int], object]) -> int:
     """'Retrain now': a manual slot of its own, run in a background thread; returns the run id.
     Raises cycle.CycleRunning when a cycle runs (the database admits one)."""
-    run_id = cycle.claim(engine, f"manual-{datetime.now(timezone.utc).isoformat()}")
+    run_id = cycle.claim(engine, f"manual-{datetime.now(UTC).isoformat()}")
     threading.Thread(target=runner, args=(run_id,), name=f"retrain-{run_id}", daemon=True).start()
     return run_id

@@ -6,7 +6,7 @@ the old version before unloading it; never through HTTP to the app itself.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from sqlalchemy.engine import Engine
 

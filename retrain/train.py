@@ -14,14 +14,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
 
 
 @dataclass
 class TrainSpec:
     base_model: str
     train_file: str
-    val_file: Optional[str]
+    val_file: str | None
     out_dir: str
     method: str = "lora"  # lora | qlora
     lora_r: int = 8
@@ -36,13 +35,13 @@ class TrainSpec:
     early_stopping_patience: int = 2
     seed: int = 0
     preference: str = "none"  # none | dpo | kto: a second stage on preference data
-    preference_file: Optional[str] = None
+    preference_file: str | None = None
 
     def dump(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self)))
 
     @classmethod
-    def load(cls, path: Path) -> "TrainSpec":
+    def load(cls, path: Path) -> TrainSpec:
         return cls(**json.loads(Path(path).read_text()))
 
 

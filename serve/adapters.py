@@ -13,10 +13,10 @@ import os
 import re
 import shutil
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Optional
 
 from sqlalchemy.engine import Engine
 from sqlmodel import select
@@ -157,8 +157,8 @@ def next_name(engine: Engine) -> str:
     return f"v{max(taken, default=0) + 1:04d}"
 
 
-def register(engine: Engine, settings: Settings, base_model: str, src: Path, name: Optional[str] = None,
-             parent: Optional[str] = None, metrics: Optional[dict] = None) -> Adapter:
+def register(engine: Engine, settings: Settings, base_model: str, src: Path, name: str | None = None,
+             parent: str | None = None, metrics: dict | None = None) -> Adapter:
     """Copy a validated adapter into its own immutable version directory and record it."""
     name = check_name(next_name(engine) if name is None else name)
     with session(engine) as s:
@@ -219,7 +219,7 @@ def _live(engine: Engine) -> list[Deployment]:
         return list(s.exec(select(Deployment).where(Deployment.rolled_back == False).order_by(Deployment.id.desc())).all())  # noqa: E712
 
 
-def active(engine: Engine) -> Optional[str]:
+def active(engine: Engine) -> str | None:
     """Name of the serving adapter, or None when the base model serves."""
     live = _live(engine)
     return live[0].adapter if live else None
@@ -241,7 +241,7 @@ def _probe(client: VLLMClient, name: str) -> None:
     client.chat({"model": name, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1, "temperature": 0})
 
 
-def _unload(client: VLLMClient, name: Optional[str], drain: Callable[[str], None]) -> None:
+def _unload(client: VLLMClient, name: str | None, drain: Callable[[str], None]) -> None:
     if name is None:
         return
     drain(name)  # let requests already on the old version finish before vLLM drops it
@@ -265,7 +265,7 @@ def _bring_up(client: VLLMClient, row: Adapter, settings: Settings) -> None:
         raise
 
 
-def promote(engine: Engine, client: Optional[VLLMClient], settings: Settings, name: str,
+def promote(engine: Engine, client: VLLMClient | None, settings: Settings, name: str,
             drain: Callable[[str], None] = lambda _: None) -> None:
     """Load the new version, probe it, flip the active row, then unload the old one.
 
@@ -287,8 +287,8 @@ def promote(engine: Engine, client: Optional[VLLMClient], settings: Settings, na
         _unload(client, old, drain)
 
 
-def rollback(engine: Engine, client: Optional[VLLMClient], settings: Settings,
-             drain: Callable[[str], None] = lambda _: None) -> Optional[str]:
+def rollback(engine: Engine, client: VLLMClient | None, settings: Settings,
+             drain: Callable[[str], None] = lambda _: None) -> str | None:
     """Re-activate the version that served before the current one; returns it (None: base model)."""
     live = _live(engine)
     if not live:
@@ -305,7 +305,7 @@ def rollback(engine: Engine, client: Optional[VLLMClient], settings: Settings,
     return previous
 
 
-def reload_active(engine: Engine, client: VLLMClient, settings: Settings) -> Optional[str]:
+def reload_active(engine: Engine, client: VLLMClient, settings: Settings) -> str | None:
     """After vLLM (re)starts it has no adapters: load the active one again."""
     name = active(engine)
     if name is not None:

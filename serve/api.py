@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict
 from datetime import datetime
 from itertools import chain
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -36,7 +36,7 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant"]
-    content: Union[str, list[TextPart]]
+    content: str | list[TextPart]
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -46,23 +46,23 @@ class ChatRequest(BaseModel):
     """The OpenAI chat-completions body; `model` is ignored: the active version always answers."""
 
     model_config = ConfigDict(extra="ignore")
-    model: Optional[str] = None
+    model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
-    max_tokens: Optional[int] = Field(None, ge=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
-    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
     # vLLM's own sampling extensions, passed through as vLLM's OpenAI server takes them
-    min_tokens: Optional[int] = Field(None, ge=0)
-    ignore_eos: Optional[bool] = None
+    min_tokens: int | None = Field(None, ge=0)
+    ignore_eos: bool | None = None
     n: int = Field(1, ge=1, le=1, description="one answer per request: each is stored as one message")
     # OpenAI clients send it; the author stored is the identity the server established, never this.
-    user: Optional[str] = Field(None, max_length=128)
+    user: str | None = Field(None, max_length=128)
 
     def params(self) -> dict[str, Any]:
         keys = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty", "min_tokens", "ignore_eos")
@@ -75,26 +75,26 @@ class ChatRequest(BaseModel):
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     message_id: int
-    rating: Optional[Literal["up", "down"]] = None
-    correction: Optional[str] = None
-    comment: Optional[str] = None
-    author: Optional[Any] = Field(None, description="refused: the author is who you are logged in as")
+    rating: Literal["up", "down"] | None = None
+    correction: str | None = None
+    comment: str | None = None
+    author: Any | None = Field(None, description="refused: the author is who you are logged in as")
 
 
 class ApproveRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    correction: Optional[str] = None
+    correction: str | None = None
 
 
 class BulkRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     action: Literal["approve", "reject"]
-    status: Optional[Literal["pending", "approved", "rejected"]] = "pending"
-    rating: Optional[Literal["up", "down", "none"]] = None
-    adapter: Optional[str] = None
-    author: Optional[str] = None
-    since: Optional[datetime] = None
-    until: Optional[datetime] = None
+    status: Literal["pending", "approved", "rejected"] | None = "pending"
+    rating: Literal["up", "down", "none"] | None = None
+    adapter: str | None = None
+    author: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
 
 
 class KeyRequest(BaseModel):
@@ -221,8 +221,8 @@ def router(services: Services) -> APIRouter:
     curate = APIRouter(prefix="/api/curation", dependencies=[Depends(require_curator)])
 
     @curate.get("/queue")
-    async def queue(status: Optional[str] = "pending", rating: Optional[str] = None, adapter: Optional[str] = None,
-                    author: Optional[str] = None, since: Optional[datetime] = None, until: Optional[datetime] = None,
+    async def queue(status: str | None = "pending", rating: str | None = None, adapter: str | None = None,
+                    author: str | None = None, since: datetime | None = None, until: datetime | None = None,
                     limit: int = 200):
         f = curation.Filters(status or None, rating, adapter, author, since, until)
         items = await run_in_threadpool(curation.queue, services.engine, f, min(max(limit, 1), 1000))

@@ -19,7 +19,6 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import Optional
 
 from fastapi import Request
 
@@ -55,7 +54,7 @@ def cli_token_path(settings: Settings) -> Path:
     return settings.data_dir / "cli-token"
 
 
-def cli_token(settings: Settings) -> Optional[str]:
+def cli_token(settings: Settings) -> str | None:
     """The local token, for the CLI; None when no service has written one here."""
     try:
         return cli_token_path(settings).read_text().strip() or None
@@ -67,7 +66,7 @@ def _same(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
 
 
-def match(logins: list[tuple[str, str]], user: str, password: str) -> Optional[str]:
+def match(logins: list[tuple[str, str]], user: str, password: str) -> str | None:
     """The login a user name and password match, or None; every pair is compared (constant time)."""
     ok = None
     for name, expected in logins:
@@ -82,7 +81,7 @@ def credentials(request: Request) -> tuple[str, str]:
     return scheme.lower(), value.strip()
 
 
-def basic(value: str) -> Optional[tuple[str, str]]:
+def basic(value: str) -> tuple[str, str] | None:
     """(user, password) from an HTTP Basic value, or None when it is malformed."""
     try:
         user, _, password = base64.b64decode(value, validate=True).decode().partition(":")
@@ -102,7 +101,7 @@ class Signer:
         expires = str(int(time.time()) + ttl_s)
         return f"{value}|{expires}|{self._mac(purpose, value, expires)}"
 
-    def unsign(self, purpose: str, token: str) -> Optional[str]:
+    def unsign(self, purpose: str, token: str) -> str | None:
         parts = token.rsplit("|", 2)
         if len(parts) != 3:
             return None
@@ -116,7 +115,7 @@ class Signer:
 
 
 class CuratorAuth:
-    def __init__(self, settings: Settings, signer: Optional[Signer] = None):
+    def __init__(self, settings: Settings, signer: Signer | None = None):
         self.settings = settings
         self.signer = signer or Signer(settings)
         self._cli = _secret_file(cli_token_path(settings))
@@ -125,14 +124,14 @@ class CuratorAuth:
     def required(self) -> bool:
         return bool(self.settings.curator_logins or self.settings.admin_token)
 
-    def login(self, user: str, password: str) -> Optional[str]:
+    def login(self, user: str, password: str) -> str | None:
         """The curator a user name and password identify, or None."""
         ok = match(self.settings.curator_logins, user, password)
         if self.settings.admin_token and _same(user, ADMIN_USER) and _same(password, self.settings.admin_token):
             ok = ADMIN_USER
         return ok
 
-    def _bearer(self, token: str) -> Optional[str]:
+    def _bearer(self, token: str) -> str | None:
         if self.settings.admin_token and _same(token, self.settings.admin_token):
             return ADMIN_USER
         return "cli" if _same(token, self._cli) else None
@@ -140,14 +139,14 @@ class CuratorAuth:
     def session_cookie(self, user: str) -> str:
         return self.signer.sign("curator", user, SESSION_S)
 
-    def _from_cookie(self, value: str) -> Optional[str]:
+    def _from_cookie(self, value: str) -> str | None:
         user = self.signer.unsign("curator", value)
         # A login removed from the settings ends its sessions at the next restart.
         if user is not None and (user in {n for n, _ in self.settings.curator_logins} or (user == ADMIN_USER and self.settings.admin_token)):
             return user
         return None
 
-    def curator(self, request: Request) -> Optional[str]:
+    def curator(self, request: Request) -> str | None:
         """The curator this request carries credentials for (header or session cookie), or None.
         With nothing configured everyone curates, as `open`."""
         if not self.required:

@@ -9,15 +9,16 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any
 
 from sqlalchemy.engine import Engine
 from sqlmodel import func, select
 
 from data_store.db import session
-from data_store.text import unstorable
 from data_store.models import Conversation, Message
+from data_store.text import unstorable
 from serve import adapters
 from serve.client import VLLMClient
 from settings import Settings
@@ -35,10 +36,10 @@ class Turn:
 
     conversation_id: int
     message_id: int
-    adapter: Optional[str]
+    adapter: str | None
     content: str
-    prompt_tokens: Optional[int]
-    completion_tokens: Optional[int]
+    prompt_tokens: int | None
+    completion_tokens: int | None
     latency_ms: float
 
 
@@ -66,7 +67,7 @@ def check_messages(messages: list[dict[str, str]], max_chars: int) -> None:
 
 class ChatService:
     def __init__(self, settings: Settings, engine: Engine, client: VLLMClient, base_name: str,
-                 base_route: Optional[str] = None):
+                 base_route: str | None = None):
         self.settings = settings
         self.engine = engine
         self.client = client
@@ -80,12 +81,12 @@ class ChatService:
         with self._cv:
             self._cv.wait_for(lambda: self._inflight[model] == 0, timeout)
 
-    def active(self) -> Optional[str]:
+    def active(self) -> str | None:
         return adapters.active(self.engine)
 
-    def stream(self, messages: list[dict[str, str]], *, conversation_id: Optional[int] = None,
+    def stream(self, messages: list[dict[str, str]], *, conversation_id: int | None = None,
                store_from: int = 0, source: str = "api", author: str,
-               params: Optional[dict[str, Any]] = None) -> Iterator[dict[str, Any] | Turn]:
+               params: dict[str, Any] | None = None) -> Iterator[dict[str, Any] | Turn]:
         """Yield vLLM's chunks as they come, then one Turn once the answer is stored.
 
         messages[store_from:] are new and stored with the answer; earlier ones already are.
@@ -138,8 +139,8 @@ class ChatService:
         if not owned:
             raise ChatInputError(f"conversation {conversation_id} is not one of yours; start a new one")
 
-    def _store(self, new: list[dict[str, str]], answer: str, adapter: Optional[str], usage: dict[str, Any],
-               latency_ms: float, conversation_id: Optional[int], source: str, author: str) -> Turn:
+    def _store(self, new: list[dict[str, str]], answer: str, adapter: str | None, usage: dict[str, Any],
+               latency_ms: float, conversation_id: int | None, source: str, author: str) -> Turn:
         with session(self.engine) as s:
             if conversation_id is None:
                 conv = Conversation(source=source, author=author[:128])

@@ -6,7 +6,7 @@ parallel to the history), so a thumb or an edit updates that message's one feedb
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import gradio as gr
 
@@ -29,11 +29,11 @@ def text_of(content: Any) -> str:
     return "".join(text_of(p) for p in content or [])
 
 
-def serving_label(adapter: Optional[str], base_name: str) -> str:
+def serving_label(adapter: str | None, base_name: str) -> str:
     return f"Serving adapter **{adapter}** on {base_name}" if adapter else f"Serving the base model **{base_name}** (no adapter yet)"
 
 
-def _author(request: Optional[gr.Request]) -> str:
+def _author(request: gr.Request | None) -> str:
     """The identity the server established for this browser (serve/identity.py, Gradio's auth_dependency)."""
     user = getattr(request, "username", None) if request is not None else None
     if not user:
@@ -84,7 +84,7 @@ def build(services: Services) -> gr.Blocks:
             yield text, history, state, gr.skip(), f"Not sent: {why} Nothing was stored; edit and send again."
             raise gr.Error(f"{why} Nothing was stored; try again.")
 
-    def message_id(state: dict, index: Any) -> Optional[int]:
+    def message_id(state: dict, index: Any) -> int | None:
         i = index[0] if isinstance(index, (list, tuple)) else index
         return state["ids"][i] if isinstance(i, int) and 0 <= i < len(state["ids"]) else None
 

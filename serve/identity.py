@@ -17,7 +17,6 @@ import hashlib
 import ipaddress
 import secrets
 from dataclasses import dataclass
-from typing import Optional
 
 from fastapi import Request
 from sqlalchemy.engine import Engine
@@ -27,6 +26,7 @@ from data_store.db import session
 from data_store.models import ANONYMOUS, ApiKey, now
 from serve.auth import ADMIN_USER, CuratorAuth, _same, basic, credentials, match
 from settings import Settings
+
 USER_COOKIE = "tuneloop_user"
 SESSION_COOKIE = "tuneloop_session"
 SESSION_STATE = "tuneloop_session"  # request.state key: the session id a first request was given
@@ -53,7 +53,7 @@ def _hash(key: str) -> str:
 RESERVED = {ADMIN_USER, "cli", "open"}
 
 
-def name_problem(name: str) -> Optional[str]:
+def name_problem(name: str) -> str | None:
     if not name or len(name) > 128 or any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
         return "is not a valid identity: 1-128 printable characters"
     if name.startswith(ANONYMOUS):
@@ -131,7 +131,7 @@ class Identities:
         self._proxies = [ipaddress.ip_network(p, strict=False) if _is_ip(p) else p for p in settings.proxies]
 
     # -- chat accounts --
-    def login(self, user: str, password: str) -> Optional[str]:
+    def login(self, user: str, password: str) -> str | None:
         return match(self.settings.user_logins, user, password)
 
     def session_cookie(self, user: str) -> str:
@@ -142,7 +142,7 @@ class Identities:
         sid = secrets.token_urlsafe(12)
         return sid, self.signer.sign("session", sid, ANON_SESSION_S)
 
-    def anonymous_session(self, request: Request) -> Optional[str]:
+    def anonymous_session(self, request: Request) -> str | None:
         cookie = request.cookies.get(SESSION_COOKIE)
         sid = self.signer.unsign("session", cookie) if cookie else None
         return sid or getattr(request.state, SESSION_STATE, None)
@@ -186,7 +186,7 @@ class Identities:
             raise Unidentified("no session: accept the tuneloop_session cookie, or send an API key")
         return ANONYMOUS + sid
 
-    def gradio_user(self, request: Request) -> Optional[str]:
+    def gradio_user(self, request: Request) -> str | None:
         """For Gradio's auth_dependency: the identity, or None (Gradio then answers 401)."""
         try:
             return self.identify(request)

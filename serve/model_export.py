@@ -11,14 +11,13 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
 
 
 class ExportError(ValueError):
     pass
 
 
-def merge(base_model: str, adapter_dir: Optional[str], out_dir: Path) -> Path:
+def merge(base_model: str, adapter_dir: str | None, out_dir: Path) -> Path:
     """base + adapter folded into plain weights (safetensors) with the tokenizer: loads in
     transformers and vLLM like any Hugging Face model. adapter None exports the base model."""
     import torch

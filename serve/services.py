@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
 
 from sqlalchemy.engine import Engine
 
@@ -12,9 +11,9 @@ from retrain import cycle, schedule
 from retrain.service import run_by_id
 from serve import adapters, zero_adapter
 from serve.auth import CuratorAuth
-from serve.identity import Identities
 from serve.chat import ChatService
 from serve.client import VLLMClient
+from serve.identity import Identities
 from serve.vllm_server import VLLMSupervisor
 from settings import Settings
 
@@ -28,9 +27,9 @@ class Services:
     vllm: VLLMClient
     chat: ChatService
     base_model: str  # what vLLM loaded: a directory or a hub id
-    supervisor: Optional[VLLMSupervisor] = None
-    auth: Optional[CuratorAuth] = None
-    identities: Optional[Identities] = None
+    supervisor: VLLMSupervisor | None = None
+    auth: CuratorAuth | None = None
+    identities: Identities | None = None
 
     def __post_init__(self) -> None:
         if self.auth is None:
@@ -41,7 +40,7 @@ class Services:
     def promote(self, name: str) -> None:
         adapters.promote(self.engine, self.vllm, self.settings, name, drain=self.chat.drain)
 
-    def rollback(self) -> Optional[str]:
+    def rollback(self) -> str | None:
         return adapters.rollback(self.engine, self.vllm, self.settings, drain=self.chat.drain)
 
     def run_cycle(self, run_id: int, force: bool = False):
@@ -59,7 +58,7 @@ class Services:
             log.warning("run %s was left running by a process that is gone: marked failed", run_id)
         return schedule.start_scheduler(self.settings, schedule.firing(self.settings, self.engine, self.run_cycle))
 
-    def reload_active(self) -> Optional[str]:
+    def reload_active(self) -> str | None:
         """After vLLM (re)starts: the zero adapter, if base traffic uses one, then the active version."""
         zero_adapter.ensure(self.vllm, self.settings, self.base_model)
         return adapters.reload_active(self.engine, self.vllm, self.settings)

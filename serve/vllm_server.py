@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import httpx
 
@@ -67,17 +67,17 @@ class VLLMSupervisor:
     """Owns one vLLM process; a watcher thread restarts it if it dies and calls on_ready."""
 
     def __init__(self, settings: Settings, model: str, served_name: str,
-                 on_ready: Optional[Callable[[], None]] = None):
+                 on_ready: Callable[[], None] | None = None):
         self.settings = settings
         self.url = settings.served_vllm_url
         self.model = model
         self.served_name = served_name
         self.on_ready = on_ready
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
         self.restarts = 0
         self.state = "stopped"  # stopped | starting | ready | restarting
         self._stopping = threading.Event()
-        self._watcher: Optional[threading.Thread] = None
+        self._watcher: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def start(self, wait: bool = True) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import html
-from typing import Callable, Optional
+from collections.abc import Callable
 from urllib.parse import quote
 
 import gradio as gr
@@ -32,7 +32,7 @@ def _page(kind: dict, error: str = "", status: int = 200) -> HTMLResponse:
     return HTMLResponse(LOGIN_PAGE.format(error=html.escape(error), **kind), status_code=status)
 
 
-def _login_routes(app: FastAPI, prefix: str, page: dict, login: Callable[[str, str], Optional[str]], cookie: str,
+def _login_routes(app: FastAPI, prefix: str, page: dict, login: Callable[[str, str], str | None], cookie: str,
                   session_cookie: Callable[[str], str], max_age: int, logged_out: str) -> None:
     """GET and POST {prefix}/login (the form sets a signed session cookie) and {prefix}/logout."""
     @app.get(f"{prefix}/login", include_in_schema=False)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import socket
 import threading
-from contextlib import contextmanager
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest

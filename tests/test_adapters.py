@@ -5,9 +5,9 @@ import os
 import shutil
 
 import pytest
+from conftest import build_lora, build_tiny_llama
 from sqlmodel import select
 
-from conftest import build_lora, build_tiny_llama
 from data_store.db import session
 from data_store.models import Adapter
 from serve import adapters

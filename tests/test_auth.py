@@ -4,13 +4,13 @@ works for all of them. The CLI's local token works wherever they do."""
 
 import pytest
 from fastapi.testclient import TestClient
+from test_curation import corrected
 
 from serve import auth
 from serve.chat import ChatService
 from serve.client import VLLMClient
 from serve.services import Services
 from serve.web import build_app
-from test_curation import corrected
 
 
 def app_for(settings, engine):

@@ -233,7 +233,6 @@ def test_curator_login_and_api_keys_in_chromium(browser, live):
     """With curators configured, /curate sends the browser to the login form; after it the page and its
     buttons work, an API key issued on the API keys tab works once shown and stops when revoked."""
     import httpx
-
     from conftest import serve_app, services_for
 
     prod = services_for(live.settings.model_copy(update={"curators": "ops:pw-9", "users": "alice:pw-a"}),

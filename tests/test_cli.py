@@ -1,10 +1,10 @@
 """The tuneloop CLI with a tiny real model; the service is not running, so commands act on the store."""
 
 import pytest
+from conftest import build_lora, free_port
 from typer.testing import CliRunner
 
 import app as cli
-from conftest import build_lora, free_port
 
 runner = CliRunner()
 

@@ -3,6 +3,7 @@
 import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import func, select
+from test_store import add_turn
 
 from data_store.db import session
 from data_store.models import Example, Feedback
@@ -13,7 +14,6 @@ from serve.chat import ChatService
 from serve.client import VLLMClient
 from serve.services import Services
 from serve.web import build_app
-from test_store import add_turn
 
 
 def examples(engine):

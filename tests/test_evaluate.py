@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from conftest import build_lora
 
 from retrain.evaluate import Case, Likelihood, length_batches, normalize, token_f1
-from conftest import build_lora
 
 
 def test_length_batches_cover_every_row_once_within_the_budget():
@@ -46,8 +46,9 @@ def cases():
 
 
 def test_batched_nll_equals_one_sequence_at_a_time(tiny_model, tmp_path, cases, monkeypatch):
-    import retrain.evaluate as evaluate
     from peft import PeftModel
+
+    import retrain.evaluate as evaluate
 
     monkeypatch.setattr(evaluate, "NLL_TOKENS_PER_BATCH", 120)  # several batches of several rows
     lik = Likelihood(str(tiny_model))

@@ -9,15 +9,17 @@ import os
 import socket
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from conftest import build_lora, serve_app
 from fastapi.testclient import TestClient
 from sqlmodel import func, select
+from test_schedule import app_was_down_at_the_cron_time
+from test_store import add_turn
 
-from conftest import build_lora, serve_app
 from data_store.db import alembic_config, make_engine, migrate, session
 from data_store.models import Conversation, Example, Feedback, Message, TrainingRun
 from feedback import curation
@@ -28,8 +30,6 @@ from serve.chat import ChatService
 from serve.client import VLLMClient
 from serve.services import Services
 from serve.web import build_app
-from test_schedule import app_was_down_at_the_cron_time
-from test_store import add_turn
 
 pytestmark = pytest.mark.faults
 
@@ -245,7 +245,7 @@ def test_two_app_processes_run_a_due_cycle_exactly_once(tmp_path, monkeypatch):
     with session(engine) as s:
         runs = s.exec(select(TrainingRun)).all()
     assert len(runs) == 1 and runs[0].status == "succeeded", outputs
-    assert runs[0].slot == schedule.slot_for(settings, datetime.now(timezone.utc))
+    assert runs[0].slot == schedule.slot_for(settings, datetime.now(UTC))
 
 
 # ---- 14. migrations keep data ----

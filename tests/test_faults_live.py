@@ -19,14 +19,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import build_lora, serve_app, services_for
+from lora_training import train_lora
 from sqlmodel import func, select
 
-from conftest import build_lora, serve_app, services_for
 from data_store.db import make_engine, migrate, session
 from data_store.models import Adapter, Conversation, Feedback, Message, TrainingRun
 from feedback import curation
 from feedback import record as feedback
-from lora_training import train_lora
 from retrain import cycle, importer
 from serve import adapters, identity, zero_adapter
 
@@ -209,8 +209,8 @@ def test_kill_9_and_full_disk_during_a_cycle_keep_serving_and_leave_no_version(l
 # ---- 5. bad adapters never reach vLLM, which keeps serving ----
 
 def test_bad_adapters_are_refused_before_vllm_and_it_keeps_serving(live, tmp_path, tiny_model):
-    from safetensors.torch import load_file
     import torch
+    from safetensors.torch import load_file
 
     svc = own_store(live, tmp_path)
     base = live.base_model

@@ -5,6 +5,7 @@ clear 4xx and stores nothing. The model server is a closed port: these requests 
 
 from fastapi.testclient import TestClient
 from sqlmodel import select
+from test_store import add_turn
 from typer.testing import CliRunner
 
 from data_store.db import session
@@ -15,7 +16,6 @@ from serve.chat import ChatService
 from serve.client import VLLMClient
 from serve.services import Services
 from serve.web import build_app
-from test_store import add_turn
 
 
 def app_for(settings, engine):
@@ -208,7 +208,6 @@ def test_the_proxy_header_through_a_real_server_on_loopback(settings, engine):
     """As deployed: a proxy on the same machine connects from 127.0.0.1 and adds X-Forwarded-For; the
     peer address checked is the proxy's own."""
     import httpx
-
     from conftest import serve_app
 
     vllm = VLLMClient(settings.served_vllm_url)

@@ -4,11 +4,11 @@ import json
 
 import httpx
 import pytest
+from lora_training import train_lora
 from sqlmodel import select
 
 from data_store.db import session
 from data_store.models import Conversation, Feedback, Message
-from lora_training import train_lora
 from serve import adapters
 
 pytestmark = pytest.mark.integration

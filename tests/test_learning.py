@@ -11,14 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import services_for
+from sqlmodel import select
 
 from data_store.db import make_engine, migrate, session
 from data_store.models import Adapter
 from retrain import cycle, importer
 from serve import adapters, zero_adapter
-from sqlmodel import select
-
-from conftest import services_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import pos_data  # noqa: E402

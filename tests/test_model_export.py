@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import build_lora
+
 from serve.model_export import ExportError, merge, to_gguf
 
 

@@ -3,20 +3,19 @@
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import httpx
 import pytest
+from conftest import serve_app, services_for
+from sqlmodel import select
+from test_browser import browser  # noqa: F401,F811  (the Chromium fixture, a parameter below)
 
 from data_store.db import session
 from data_store.models import Adapter, EvalResult, TrainingRun
 from retrain import cycle, schedule
 from retrain.service import run_by_id
 from serve import adapters, identity
-from sqlmodel import select
-
-from conftest import serve_app, services_for
-from test_browser import browser  # noqa: F401,F811  (the Chromium fixture, a parameter below)
 
 pytestmark = pytest.mark.integration
 
@@ -81,8 +80,8 @@ def test_cycle_promotes_a_better_adapter_and_rejects_a_bad_one(api, live):
         assert httpx.post(f"{prod_url}/api/curation/retrain").status_code == 401  # no credentials, no cycle
         scheduler = prod.start_scheduler()
         try:
-            slot = schedule.slot_for(prod.settings, datetime.now(timezone.utc))
-            scheduler.modify_job(schedule.JOB_ID, next_run_time=datetime.now(timezone.utc))
+            slot = schedule.slot_for(prod.settings, datetime.now(UTC))
+            scheduler.modify_job(schedule.JOB_ID, next_run_time=datetime.now(UTC))
             run = wait_for_slot(live.engine, slot, timeout=1800)
         finally:
             scheduler.shutdown()

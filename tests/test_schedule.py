@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -33,7 +33,7 @@ def runs(engine) -> list[TrainingRun]:
 
 def test_slot_is_the_latest_cron_time():
     s = Settings(schedule="0 2 * * *")
-    at = datetime(2026, 11, 24, 2, 30, tzinfo=timezone.utc)
+    at = datetime(2026, 11, 24, 2, 30, tzinfo=UTC)
     assert schedule.slot_for(s, at) == "2026-11-24T02:00:00+00:00"
     assert schedule.slot_for(s, at - timedelta(hours=1)) == "2026-11-23T02:00:00+00:00"
 
@@ -45,12 +45,12 @@ def app_was_down_at_the_cron_time(tmp_path, monkeypatch):
     from apscheduler.schedulers.background import BackgroundScheduler
 
     monkeypatch.setenv("TUNELOOP_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("TUNELOOP_SCHEDULE", f"{(datetime.now(timezone.utc) - timedelta(minutes=30)).minute} * * * *")
+    monkeypatch.setenv("TUNELOOP_SCHEDULE", f"{(datetime.now(UTC) - timedelta(minutes=30)).minute} * * * *")
     settings = Settings()
     migrate(settings.db_url)
-    setup = BackgroundScheduler(jobstores={"default": SQLAlchemyJobStore(url=settings.db_url, tablename="apscheduler_jobs")}, timezone=timezone.utc)
+    setup = BackgroundScheduler(jobstores={"default": SQLAlchemyJobStore(url=settings.db_url, tablename="apscheduler_jobs")}, timezone=UTC)
     setup.add_job(schedule.JOB, schedule.trigger(settings), id=schedule.JOB_ID,
-                  next_run_time=datetime.now(timezone.utc) - timedelta(minutes=30))
+                  next_run_time=datetime.now(UTC) - timedelta(minutes=30))
     setup.start(paused=True)
     return settings, setup
 
@@ -72,7 +72,7 @@ def test_two_schedulers_missed_firing_runs_exactly_once(tmp_path, monkeypatch):
     setup.shutdown()
     found = runs(engine)
     assert len(found) == 1 and found[0].status == "succeeded"
-    assert found[0].slot == schedule.slot_for(settings, datetime.now(timezone.utc))
+    assert found[0].slot == schedule.slot_for(settings, datetime.now(UTC))
 
 
 def test_retrain_now_refuses_while_a_cycle_runs(engine, settings):
@@ -132,7 +132,7 @@ def test_a_cron_firing_during_a_manual_cycle_leaves_a_skipped_row(engine, settin
     assert [(r.id, r.status) for r in found][0] == (manual, "running")
     skipped = found[1]
     assert skipped.status == "skipped" and f"run {manual} is still running" in skipped.reason
-    assert skipped.slot == schedule.slot_for(settings, datetime.now(timezone.utc))
+    assert skipped.slot == schedule.slot_for(settings, datetime.now(UTC))
     assert recording_firing(settings)() is None and len(runs(engine)) == 2  # the same slot is not recorded twice
 
 
