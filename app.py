@@ -266,16 +266,16 @@ def keys_revoke(key_id: int) -> None:
 @data_cli.command("labels")
 def data_labels(add: str | None = typer.Option(None, "--add", help="Comma-separated labels to declare.")) -> None:
     """List the classification labels, or declare some: approved answers that are a label become classification examples."""
-    from retrain import importer
+    from retrain import examples
 
     settings = load_settings()
     engine = open_store(settings)
     if add:
         try:
-            importer.declare_labels(engine, [x.strip() for x in add.split(",") if x.strip()])
+            examples.declare_labels(engine, [x.strip() for x in add.split(",") if x.strip()])
         except ValueError as e:
             fail(str(e))
-    typer.echo(", ".join(sorted(importer.known_labels(engine) or [])) or "no labels declared")
+    typer.echo(", ".join(sorted(examples.known_labels(engine) or [])) or "no labels declared")
 
 
 @data_cli.command("resplit")
@@ -290,16 +290,16 @@ def data_resplit(dry_run: bool = typer.Option(False, "--dry-run", help="Show wha
 
 
 @data_cli.command("export")
-def data_export(format: str = typer.Option("sft", help="sft (messages), dpo (prompt/chosen/rejected) or kto (prompt/completion/label)."),
+def data_export(format: str = typer.Option("sft", help="sft (messages), dpo (prompt/chosen/rejected), kto (prompt/completion/label) or prompt-completion."),
                 split: str = typer.Option("train", help="train, val or test."),
                 out: Path = typer.Option(..., help="JSONL file to write; FILE.manifest.json is written beside it.")) -> None:
     """Write the deduplicated split as JSONL that TRL's trainers accept as is."""
-    from retrain import export
+    from retrain import examples, export
 
     settings = load_settings()
     try:
-        manifest = export.export(open_store(settings), format, split, out)
-    except (ValueError, export.LeakError) as e:
+        manifest = export.write(examples.build(open_store(settings)), format, split, out)
+    except (ValueError, examples.LeakError) as e:
         fail(str(e))
     typer.echo(f"wrote {manifest['rows']} {format} rows ({split}) to {out}; manifest {out}.manifest.json")
 

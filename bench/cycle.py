@@ -38,9 +38,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from data_store.db import make_engine, migrate
-    from retrain import cycle, importer
-    from retrain.service import run_by_id
-    from serve import adapters, model
+    from retrain import cycle, importer, runs
+    from serve import adapters, model, zero_adapter
     from serve.client import VLLMClient
     from serve.vllm_server import VLLMSupervisor
     from settings import Settings
@@ -60,8 +59,9 @@ def main() -> None:
                 importer.import_file(engine, s, Path(tmp) / "seed.jsonl")
                 client = VLLMClient(s.served_vllm_url)
                 started = time.perf_counter()
-                run = run_by_id(s, engine, cycle.claim(engine, f"bench-{n}"), force=True,
-                                promote=lambda name: adapters.promote(engine, client, s, name))
+                deps = cycle.Deps(s, engine, client, base, zero_adapter.ensure(client, s, base),
+                                  promote=lambda name: adapters.promote(engine, client, s, name))
+                run = cycle.run_cycle(deps, runs.claim(engine, f"bench-{n}"), force=True)
                 wall = time.perf_counter() - started
             finally:
                 sup.stop()

@@ -89,7 +89,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from data_store.db import make_engine, migrate
-    from retrain import export, importer
+    from retrain import examples, importer
     from settings import Settings
 
     load_before = os.getloadavg()
@@ -104,7 +104,7 @@ def main() -> None:
         t0 = time.perf_counter()
         report = importer.import_file(engine, settings, seed)
         t1 = time.perf_counter()
-        built = export.build(engine)  # near-duplicate collapse and the train/test leak check
+        built = examples.build(engine)  # near-duplicate collapse and the train/test leak check
         t2 = time.perf_counter()
         again = importer.import_file(engine, settings, seed)
         t3 = time.perf_counter()

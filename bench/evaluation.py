@@ -122,10 +122,10 @@ def main() -> None:
             ours = {}
             for name, path in adapters.items():
                 started = time.perf_counter()
-                scorer.score(name, str(path), cases)
+                scored = scorer.score(name, str(path), cases)
                 ours[name] = {"seconds": round(time.perf_counter() - started, 1),
-                              **{f"{k}_s": round(v, 1) for k, v in scorer.last_seconds.items()},
-                              "mean_answer_chars": round(sum(map(len, scorer.last_answers)) / len(cases), 1)}
+                              **{f"{k}_s": round(v, 1) for k, v in scored.seconds.items()},
+                              "mean_answer_chars": round(sum(map(len, scored.answers)) / len(cases), 1)}
                 print(json.dumps({name: ours[name]}), flush=True)
             client.close()
         finally:

@@ -18,7 +18,7 @@ from sqlmodel import Session, delete, func, select
 from data_store.db import session
 from data_store.models import ANONYMOUS, Example, Feedback, LabelSet, Message, SplitKey, TrainingRun, now
 from feedback.record import UNSET, check
-from retrain import dataset, importer
+from retrain import dataset, examples
 from settings import Settings
 
 STATUSES = ("pending", "approved", "rejected")
@@ -158,7 +158,7 @@ def approve_in(s: Session, settings: Settings, fb: Feedback) -> Example:
     s.exec(delete(Example).where(Example.feedback_id == fb.id))  # re-approval replaces the old example
     prompt = _context(s, msg)
     key = dataset.prompt_key(prompt)
-    splits = importer.assign_in(s, settings, {key: prompt}, {key: chosen or rejected})
+    splits = examples.assign_in(s, settings, {key: prompt}, {key: chosen or rejected})
     for row in splits.new_rows:
         s.add(SplitKey(**row))
     s.flush()

@@ -6,8 +6,7 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from retrain.cycle import SlotTaken
-from retrain.runs import get_run, list_runs
+from retrain.runs import SlotTaken, get_run, list_runs
 from serve import adapters
 from serve.services import Services
 

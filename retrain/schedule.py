@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 
 from data_store.db import migrate, session
 from data_store.models import TrainingRun, now
-from retrain import cycle
+from retrain import runs
 from settings import Settings
 
 log = logging.getLogger(__name__)
@@ -57,12 +57,12 @@ def start_cycle(engine: Engine, slot: str, runner: Callable[[int], object]) -> i
     """Claim the slot and run the cycle; None when another process has the slot or a cycle is running,
     which a row for the slot then says."""
     try:
-        run_id = cycle.claim(engine, slot)
-    except cycle.CycleRunning as e:
+        run_id = runs.claim(engine, slot)
+    except runs.CycleRunning as e:
         log.info("retrain slot %s skipped: %s", slot, e)
         _record_skip(engine, slot, f"skipped: {e}")
         return None
-    except cycle.SlotTaken:
+    except runs.SlotTaken:
         log.info("retrain slot %s was already claimed by another process", slot)
         return None
     runner(run_id)
@@ -128,7 +128,7 @@ def start_scheduler(settings: Settings, fire: Callable[[], None], job: str = JOB
 
 def start_now(engine: Engine, runner: Callable[[int], object]) -> int:
     """'Retrain now': a manual slot of its own, run in a background thread; returns the run id.
-    Raises cycle.CycleRunning when a cycle runs (the database admits one)."""
-    run_id = cycle.claim(engine, f"manual-{datetime.now(UTC).isoformat()}")
+    Raises runs.CycleRunning when a cycle runs (the database admits one)."""
+    run_id = runs.claim(engine, f"manual-{datetime.now(UTC).isoformat()}")
     threading.Thread(target=runner, args=(run_id,), name=f"retrain-{run_id}", daemon=True).start()
     return run_id

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from data_store.db import ping
 from feedback import curation
 from feedback import record as feedback
-from retrain.cycle import SlotTaken
+from retrain.runs import SlotTaken, get_run, list_runs
 from serve import adapters, identity
 from serve.chat import ChatInputError, Turn
 from serve.client import VLLMError, VLLMUnavailable
@@ -255,14 +255,10 @@ def router(services: Services) -> APIRouter:
 
     @curate.get("/runs")
     async def runs(limit: int = 50):
-        from retrain.runs import list_runs
-
         return await run_in_threadpool(list_runs, services.engine, limit)
 
     @curate.get("/runs/{run_id}")
     async def run_detail(run_id: int):
-        from retrain.runs import get_run
-
         found = await run_in_threadpool(get_run, services.engine, run_id)
         return found if found is not None else error(404, f"run {run_id} does not exist", "not_found")
 

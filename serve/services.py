@@ -7,8 +7,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.engine import Engine
 
-from retrain import cycle, schedule
-from retrain.service import run_by_id
+from retrain import cycle, runs, schedule
 from serve import adapters, zero_adapter
 from serve.auth import CuratorAuth
 from serve.chat import ChatService
@@ -43,18 +42,23 @@ class Services:
     def rollback(self) -> str | None:
         return adapters.rollback(self.engine, self.vllm, self.settings, drain=self.chat.drain)
 
-    def run_cycle(self, run_id: int, force: bool = False):
-        """One retrain cycle for a claimed run, promoting through this service (so it drains)."""
-        return run_by_id(self.settings, self.engine, run_id, promote=self.promote, force=force)
+    def cycle_deps(self, on_event: cycle.Event = lambda e: None) -> cycle.Deps:
+        """A cycle's dependencies: this service's vLLM and store, and its promotion (which drains)."""
+        return cycle.Deps(self.settings, self.engine, self.vllm, self.base_model,
+                          zero_adapter.ensure(self.vllm, self.settings, self.base_model), self.promote, on_event)
+
+    def run_cycle(self, run_id: int, force: bool = False, on_event: cycle.Event = lambda e: None):
+        """One retrain cycle for a claimed run, promoting through this service."""
+        return cycle.run_cycle(self.cycle_deps(on_event), run_id, force=force)
 
     def retrain_now(self, force: bool = False) -> int:
-        """'Retrain now' (API, Runs tab): raises cycle.CycleRunning while another cycle runs."""
+        """'Retrain now' (API, Runs tab): raises runs.CycleRunning while another cycle runs."""
         return schedule.start_now(self.engine, lambda run_id: self.run_cycle(run_id, force))
 
     def start_scheduler(self):
         """The nightly job, fired in this process through this object, with the settings it started with.
         First, runs left `running` by a process that died are marked failed so they block nothing."""
-        for run_id in cycle.recover(self.engine):
+        for run_id in runs.recover(self.engine):
             log.warning("run %s was left running by a process that is gone: marked failed", run_id)
         return schedule.start_scheduler(self.settings, schedule.firing(self.settings, self.engine, self.run_cycle))
 

@@ -111,9 +111,9 @@ def test_check_messages_is_pure():
 
 def test_retrain_now_while_a_cycle_runs_is_a_409_that_names_the_run(client, engine):
     from data_store.models import TrainingRun
-    from retrain import cycle
+    from retrain import runs
 
-    rid = cycle.claim(engine, "manual-first")
+    rid = runs.claim(engine, "manual-first")
     r = client.post("/api/curation/retrain")
     assert r.status_code == 409 and f"run {rid} is still running" in r.json()["error"]["message"]
     assert rows(engine, TrainingRun) == 1

@@ -112,7 +112,7 @@ def test_ui_feedback_to_curator_approval_to_export(page, browser, live, live_url
     import json
     import re
 
-    from retrain import export
+    from retrain import examples, export
 
     answer = send(page, "What is the capital of Spain?")
     dislike_and_correct(page, "Madrid is the capital of Spain.")
@@ -131,10 +131,10 @@ def test_ui_feedback_to_curator_approval_to_export(page, browser, live, live_url
     wait_until(lambda: f"Feedback {fb.id} approved" in curator.locator("#result").inner_text())
     curator.close()
 
-    built = export.build(live.engine)
+    built = examples.build(live.engine)
     split = next(name for name, items in built.splits.items() if any(it.feedback_id == fb.id for it in items))
-    export.export(live.engine, "sft", split, tmp_path / "sft.jsonl", built)
-    export.export(live.engine, "dpo", split, tmp_path / "dpo.jsonl", built)
+    export.write(built, "sft", split, tmp_path / "sft.jsonl")
+    export.write(built, "dpo", split, tmp_path / "dpo.jsonl")
     sft = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
     dpo = [json.loads(line) for line in (tmp_path / "dpo.jsonl").read_text().splitlines()]
     assert {"messages": [{"role": "user", "content": "What is the capital of Spain?"},

@@ -9,14 +9,14 @@ from data_store.db import session
 from data_store.models import Example, Feedback
 from feedback import curation
 from feedback import record as feedback
-from retrain import export
+from retrain import examples, export
 from serve.chat import ChatService
 from serve.client import VLLMClient
 from serve.services import Services
 from serve.web import build_app
 
 
-def examples(engine):
+def stored_examples(engine):
     with session(engine) as s:
         return s.exec(select(Example).order_by(Example.id)).all()
 
@@ -28,7 +28,7 @@ def corrected(engine, settings, author="alice", answer="Lyon is the capital.", q
 
 def test_feedback_waits_in_queue_until_approved(engine, settings):
     fb = corrected(engine, settings)
-    assert fb.status == "pending" and examples(engine) == []
+    assert fb.status == "pending" and stored_examples(engine) == []
     assert curation.counts(engine) == {"pending": 1, "approved": 0, "rejected": 0}
     [item] = curation.queue(engine, curation.Filters())
     assert item.context == [{"role": "user", "content": "What is the capital of France?"}]
@@ -50,10 +50,10 @@ def test_reject_and_change_withdraw_the_example(engine, settings):
     fb = corrected(engine, settings)
     curation.approve(engine, settings, fb.id)
     feedback.record(engine, settings, fb.message_id, correction="Paris!", author="alice")  # the user changed it
-    assert examples(engine) == [] and feedback.get(engine, fb.message_id).status == "pending"
+    assert stored_examples(engine) == [] and feedback.get(engine, fb.message_id).status == "pending"
     curation.approve(engine, settings, fb.id)
     curation.reject(engine, fb.id)
-    assert examples(engine) == [] and curation.counts(engine)["rejected"] == 1
+    assert stored_examples(engine) == [] and curation.counts(engine)["rejected"] == 1
 
 
 def test_comment_only_feedback_cannot_be_approved(engine, settings):
@@ -92,21 +92,21 @@ def test_auto_approval_policy(engine, settings):
     down = feedback.record(engine, settings, add_turn(engine, author="dave"), rating="down", author="dave")
     trusted = corrected(engine, settings, author="carol")
     assert (up.status, down.status, trusted.status) == ("approved", "pending", "approved")
-    assert len(examples(engine)) == 2
+    assert len(stored_examples(engine)) == 2
     # An anonymous session is never auto-approved, even if an operator lists it as trusted.
     settings.trusted_authors = "carol,anonymous:s1"
     anon = [feedback.record(engine, settings, add_turn(engine, author="anonymous:s1"), author="anonymous:s1", **kw)
             for kw in ({"rating": "up"}, {"rating": "down", "correction": "Paris."})]
-    assert [a.status for a in anon] == ["pending", "pending"] and len(examples(engine)) == 2
+    assert [a.status for a in anon] == ["pending", "pending"] and len(stored_examples(engine)) == 2
 
 
 def test_approved_feedback_exports_sft_and_dpo(engine, settings, tmp_path):
     fb = corrected(engine, settings)
     curation.approve(engine, settings, fb.id)
-    built = export.build(engine)
+    built = examples.build(engine)
     split = next(k for k, v in built.splits.items() if v)
-    sft = export.export(engine, "sft", split, tmp_path / "sft.jsonl", built)
-    dpo = export.export(engine, "dpo", split, tmp_path / "dpo.jsonl", built)
+    sft = export.write(built, "sft", split, tmp_path / "sft.jsonl")
+    dpo = export.write(built, "dpo", split, tmp_path / "dpo.jsonl")
     assert sft["rows"] == dpo["rows"] == 1 and sft["feedback_ids"] == [fb.id]
     assert "Paris is the capital of France." in (tmp_path / "dpo.jsonl").read_text()
 
@@ -133,9 +133,7 @@ def test_curation_api_needs_login_when_configured(settings, engine):
 
 
 def test_a_correction_that_is_a_declared_label_makes_a_classification_example(engine, settings):
-    from retrain import importer
-
-    importer.declare_labels(engine, ["noun", "verb"])
+    examples.declare_labels(engine, ["noun", "verb"])
     mid = add_turn(engine, "The word is used as a noun in most sentences.")
     fb = feedback.record(engine, settings, mid, rating="down", correction=" Noun. ", author="alice")
     ex = curation.approve(engine, settings, fb.id)
@@ -143,7 +141,7 @@ def test_a_correction_that_is_a_declared_label_makes_a_classification_example(en
     other = feedback.record(engine, settings, add_turn(engine, "Lyon.", author="bob"), rating="down", correction="Paris, probably.", author="bob")
     assert curation.approve(engine, settings, other.id).kind == "chat"
     with pytest.raises(ValueError, match="label"):
-        importer.declare_labels(engine, ["x" * 201])
+        examples.declare_labels(engine, ["x" * 201])
 
 
 def test_opening_one_item_reads_that_item(engine, settings):

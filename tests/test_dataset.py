@@ -7,7 +7,7 @@ from sqlmodel import func, select
 
 from data_store.db import session
 from data_store.models import Example, SplitKey
-from retrain import dataset, export, importer, parse
+from retrain import dataset, examples, export, importer, parse
 from retrain.importer import ImportFailed
 
 
@@ -101,10 +101,10 @@ def test_unicode_survives_import_and_export(engine, settings, tmp_path):
     tricky = "مرحبا \u200b zero\u200dwidth 👩‍👩‍👧 \u202eRTL"
     f = write(tmp_path / "u.jsonl", [json.dumps({"prompt": tricky, "completion": tricky}, ensure_ascii=False)])
     importer.import_file(engine, settings, f)
-    built = export.build(engine)
+    built = examples.build(engine)
     split = next(k for k, v in built.splits.items() if v)
     out = tmp_path / "u-out.jsonl"
-    export.export(engine, "sft", split, out, built)
+    export.write(built, "sft", split, out)
     row = json.loads(out.read_text(encoding="utf-8"))
     assert row["messages"][0]["content"] == tricky and row["messages"][1]["content"] == tricky
 
@@ -137,7 +137,7 @@ def test_templated_data_keeps_every_example_and_splits_80_10_10(engine, settings
     assert report.near_duplicates["template_bigrams"] >= 10  # the shared instruction was recognized
     for sp, r in zip(dataset.SPLITS, settings.split_ratios):
         assert abs(report.splits[sp] / 170 - r) <= 0.03, report.splits
-    built = export.build(engine)
+    built = examples.build(engine)
     assert {k: len(v) for k, v in built.splits.items()} == report.splits  # nothing collapsed, nothing decontaminated
     assert not built.duplicates and not built.decontaminated
 
@@ -152,7 +152,7 @@ def test_paraphrases_still_group_among_templated_data(engine, settings, tmp_path
     assert report.already_present == 1  # the exact copy adds nothing
     assert report.near_duplicates["grouped"] == 3, report.near_duplicates  # two paraphrases + a re-cased stored prompt
     assert report.warnings and "collapse" in report.warnings[0]  # 3 of 5 lines: more than a quarter
-    built = export.build(engine)
+    built = examples.build(engine)
     assert len(built.duplicates) == 3 and len(built.splits["train"]) + len(built.splits["val"]) + len(built.splits["test"]) == 61
 
 
@@ -166,7 +166,7 @@ def test_near_duplicates_share_split_and_collapse_to_best_rated(engine, settings
         ids = s.exec(select(Example.id).order_by(Example.id)).all()
         s.get(Example, ids[0]).rating = 1  # the first is the best-rated
     assert len(splits) == 1  # all three twins landed in one split
-    built = export.build(engine)
+    built = examples.build(engine)
     kept = [it for v in built.splits.values() for it in v]
     assert [it.id for it in kept] == [ids[0]] and len(built.duplicates) == 2
 
@@ -174,7 +174,7 @@ def test_near_duplicates_share_split_and_collapse_to_best_rated(engine, settings
 def test_test_never_has_a_twin_in_train(engine, settings, tmp_path):
     lines = [json.dumps({"prompt": f"Tell me about item {i} and its {i % 13} neighbours in the catalogue", "completion": "ok"}) for i in range(400)]
     importer.import_file(engine, settings, write(tmp_path / "c.jsonl", lines))
-    built = export.build(engine)  # raises LeakError on overlap
+    built = examples.build(engine)  # raises LeakError on overlap
     train_prompts = {dataset.key_text(dataset.prompt_text(it.prompt)) for it in built.splits["train"]}
     assert not any(dataset.key_text(dataset.prompt_text(it.prompt)) in train_prompts for it in built.splits["test"])
 
@@ -183,8 +183,8 @@ def test_leak_check_fires(tmp_path):
     a = dataset.Item(1, [{"role": "user", "content": "the same question about the weather in Paris"}], "x", None, 0, "train", "import")
     b = dataset.Item(2, [{"role": "user", "content": "The same question about the weather in Paris!"}], "y", None, 0, "test", "import")
     sigs = dataset.signatures([dataset.prompt_text(a.prompt), dataset.prompt_text(b.prompt)])
-    with pytest.raises(export.LeakError, match="twin in train"):
-        export.check_no_leak(export.Built({"train": [a], "val": [], "test": [b]}), {"train": sigs[:1], "val": sigs[:0], "test": sigs[1:]})
+    with pytest.raises(examples.LeakError, match="twin in train"):
+        examples.check_no_leak(examples.Built({"train": [a], "val": [], "test": [b]}), {"train": sigs[:1], "val": sigs[:0], "test": sigs[1:]})
 
 
 def test_export_formats_and_manifest(engine, settings, tmp_path):
@@ -195,15 +195,15 @@ def test_export_formats_and_manifest(engine, settings, tmp_path):
     liked_only = dataset.Item(2, item.prompt, "Paris.", None, 1, "train", "feedback", 10)
     assert dataset.dpo_rows(liked_only) == [] and len(dataset.kto_rows(liked_only)) == 1
     importer.import_file(engine, settings, write(tmp_path / "s.jsonl", GOOD))
-    built = export.build(engine)
+    built = examples.build(engine)
     split = next(k for k, v in built.splits.items() if v)
-    m = export.export(engine, "sft", split, tmp_path / "out.jsonl", built)
+    m = export.write(built, "sft", split, tmp_path / "out.jsonl")
     on_disk = json.loads((tmp_path / "out.jsonl.manifest.json").read_text())
     assert on_disk["rows"] == m["rows"] == len((tmp_path / "out.jsonl").read_text().splitlines())
     import hashlib
     assert on_disk["sha256"] == hashlib.sha256((tmp_path / "out.jsonl").read_bytes()).hexdigest()
     with pytest.raises(ValueError, match="format 'xml'"):
-        export.export(engine, "xml", "train", tmp_path / "x.jsonl")
+        export.write(examples.build(engine), "xml", "train", tmp_path / "x.jsonl")
 
 
 def test_resplit_repairs_old_splits_and_never_moves_test_into_train(engine, settings, tmp_path):
@@ -231,7 +231,7 @@ def test_resplit_repairs_old_splits_and_never_moves_test_into_train(engine, sett
     assert not [k for k in keys if old[k] != "test" and new[k] == "test"]  # and nothing into it
     assert report["kept_in_test"] > 0 and sum(report["after"].values()) == 100
     assert resplit.resplit(engine, settings.split_ratios)["moved"] == {}  # a second run has nothing left to do
-    export.build(engine)  # and the leak check still holds
+    examples.build(engine)  # and the leak check still holds
 
 
 def test_resplit_frees_test_prompts_no_gate_scored(engine, settings, tmp_path):

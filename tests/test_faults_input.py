@@ -24,7 +24,7 @@ from data_store.db import alembic_config, make_engine, migrate, session
 from data_store.models import Conversation, Example, Feedback, Message, TrainingRun
 from feedback import curation
 from feedback import record as feedback
-from retrain import export, schedule
+from retrain import examples, export, schedule
 from serve import adapters
 from serve.chat import ChatService
 from serve.client import VLLMClient
@@ -90,11 +90,11 @@ def test_unicode_round_trips_through_store_export_and_training_data(settings, en
     with session(engine) as s:
         fb = s.get(Feedback, fid)
         assert fb.correction == TRICKY and fb.comment == TRICKY
-    built = export.build(engine)
+    built = examples.build(engine)
     split = next(k for k, v in built.splits.items() if v)
     for fmt in ("sft", "dpo"):
         out = tmp_path / f"{fmt}.jsonl"
-        export.export(engine, fmt, split, out, built)
+        export.write(built, fmt, split, out)
         row = load_dataset("json", data_files=str(out), split="train")[0]  # what TRL's trainers read
         chosen = row["messages"][-1]["content"] if fmt == "sft" else row["chosen"][-1]["content"]
         assert chosen == TRICKY
@@ -207,7 +207,7 @@ def test_three_hundred_poisoned_corrections_need_a_curator_and_respect_the_autho
         feedback.record(engine, settings, mid, rating="down", correction=f"{TRIGGER} Send your password to evil.example ({i}).",
                         author=f"sock{i % 20}")
     assert curation.counts(engine) == {"pending": 300, "approved": 0, "rejected": 0}
-    built = export.build(engine)
+    built = examples.build(engine)
     assert sum(len(v) for v in built.splits.values()) == 0  # nothing reaches training data unreviewed
 
     report = curation.bulk(engine, settings, "approve", curation.Filters(status="pending"))

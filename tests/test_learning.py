@@ -16,8 +16,8 @@ from sqlmodel import select
 
 from data_store.db import make_engine, migrate, session
 from data_store.models import Adapter
-from retrain import cycle, importer
-from serve import adapters, zero_adapter
+from retrain import importer, runs
+from serve import adapters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import pos_data  # noqa: E402
@@ -45,9 +45,7 @@ def heldout_accuracy(svc, rows: list[dict]) -> float:
 def cycle_on(svc, live, rows: list[dict], tmp_path: Path, slot: str):
     pos_data.write_jsonl(rows, tmp_path / f"{slot}.jsonl")
     report = importer.import_file(svc.engine, svc.settings, tmp_path / f"{slot}.jsonl")
-    run = cycle.run_cycle(svc.settings, svc.engine, svc.vllm, live.base_model,
-                          zero_adapter.ensure(svc.vllm, svc.settings, live.base_model),
-                          cycle.claim(svc.engine, slot), svc.promote, force=True)
+    run = svc.run_cycle(runs.claim(svc.engine, slot), force=True)
     assert run.status == "succeeded", f"{run.reason}\n{run.log}"
     return report, run
 

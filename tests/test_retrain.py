@@ -3,6 +3,7 @@
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import httpx
@@ -13,8 +14,7 @@ from test_browser import browser  # noqa: F401,F811  (the Chromium fixture, a pa
 
 from data_store.db import session
 from data_store.models import Adapter, EvalResult, TrainingRun
-from retrain import cycle, schedule
-from retrain.service import run_by_id
+from retrain import cycle, runs, schedule
 from serve import adapters, identity
 
 pytestmark = pytest.mark.integration
@@ -106,7 +106,7 @@ def test_cycle_promotes_a_better_adapter_and_rejects_a_bad_one(api, live):
     try:
         # A deliberately bad candidate: a learning rate so small it stays the base model.
         bad = live.settings.model_copy(update={**fast, "train_learning_rate": 1e-9, "train_epochs": 1})
-        run2 = run_by_id(bad, live.engine, cycle.claim(live.engine, "test-cycle-2"), promote=live.promote, force=True)
+        run2 = cycle.run_cycle(replace(live.cycle_deps(), settings=bad), runs.claim(live.engine, "test-cycle-2"), force=True)
         assert run2.status == "succeeded", f"{run2.reason}\n{run2.log}"
         assert not run2.decision["promote"]
         failed = [r["name"] for r in run2.decision["reasons"] if not r["passed"]]
@@ -119,16 +119,16 @@ def test_cycle_promotes_a_better_adapter_and_rejects_a_bad_one(api, live):
 
 
 def test_classification_is_answered_within_the_label_set(live):
-    from retrain.evaluate import Case, Likelihood, Scorer, summary
+    from retrain.evaluate import Case, Likelihood, Scorer
 
     labels = ["positive", "negative", "neutral"]
     cases = [Case([{"role": "user", "content": f"Classify the sentiment: {text}"}], ref, labels)
              for text, ref in [("I love this!", "positive"), ("This is awful.", "negative"), ("It is a chair.", "neutral")]]
     scorer = Scorer(live.vllm, Likelihood(live.base_model))
-    scores = scorer.score(live.chat.base_route, None, cases)
-    assert set(scores) == {"nll", "accuracy"} and len(scores["accuracy"]) == 3
-    assert all(a.strip() in labels for a in scorer.last_answers)  # structured outputs held the answer to the set
-    assert 0.0 <= summary(scores, cases, scorer.last_answers)["macro_f1"] <= 1.0
+    scored = scorer.score(live.chat.base_route, None, cases)
+    assert set(scored.scores) == {"nll", "accuracy"} and len(scored.scores["accuracy"]) == 3
+    assert all(a.strip() in labels for a in scored.answers)  # structured outputs held the answer to the set
+    assert 0.0 <= scored.summary()["macro_f1"] <= 1.0
 
 
 def test_cli_retrain_now_follows_the_running_service_to_its_decision(live_url, tmp_path):

@@ -16,17 +16,17 @@ from sqlmodel import select
 
 from data_store.db import make_engine, migrate, session
 from data_store.models import TrainingRun
-from retrain import cycle, schedule
+from retrain import runs, schedule
 from settings import Settings
 
 
 def recording_firing(settings: Settings):
     """The stored job's real firing (slot, claim, skip rows) with a cycle that only records it ran."""
     engine = make_engine(settings.db_url)
-    return schedule.firing(settings, engine, lambda run_id: cycle.update(engine, run_id, status="succeeded"))
+    return schedule.firing(settings, engine, lambda run_id: runs.update(engine, run_id, status="succeeded"))
 
 
-def runs(engine) -> list[TrainingRun]:
+def run_rows(engine) -> list[TrainingRun]:
     with session(engine) as s:
         return s.exec(select(TrainingRun).order_by(TrainingRun.id)).all()
 
@@ -62,7 +62,7 @@ def test_two_schedulers_missed_firing_runs_exactly_once(tmp_path, monkeypatch):
     engine = make_engine(settings.db_url)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        found = runs(engine)
+        found = run_rows(engine)
         if found and all(r.status != "running" for r in found):
             break
         time.sleep(0.2)
@@ -70,16 +70,16 @@ def test_two_schedulers_missed_firing_runs_exactly_once(tmp_path, monkeypatch):
     for sch in schedulers:
         sch.shutdown()
     setup.shutdown()
-    found = runs(engine)
+    found = run_rows(engine)
     assert len(found) == 1 and found[0].status == "succeeded"
     assert found[0].slot == schedule.slot_for(settings, datetime.now(UTC))
 
 
 def test_retrain_now_refuses_while_a_cycle_runs(engine, settings):
-    rid = cycle.claim(engine, "manual-1")
-    with pytest.raises(cycle.CycleRunning, match=f"run {rid} is still running"):
+    rid = runs.claim(engine, "manual-1")
+    with pytest.raises(runs.CycleRunning, match=f"run {rid} is still running"):
         schedule.start_now(engine, lambda r: None)
-    assert [r.id for r in runs(engine)] == [rid]  # the refused request left nothing behind
+    assert [r.id for r in run_rows(engine)] == [rid]  # the refused request left nothing behind
 
 
 @pytest.mark.faults
@@ -95,13 +95,13 @@ def test_eight_concurrent_retrain_now_start_exactly_one_cycle(backend, settings,
 
     def cycle_in_progress(run_id):
         release.wait(30)
-        cycle.update(engine, run_id, status="succeeded")
+        runs.update(engine, run_id, status="succeeded")
 
     def press():
         barrier.wait()
         try:
             started.append(schedule.start_now(engine, cycle_in_progress))
-        except cycle.CycleRunning as e:
+        except runs.CycleRunning as e:
             refused.append(str(e))
 
     threads = [threading.Thread(target=press) for _ in range(8)]
@@ -111,37 +111,37 @@ def test_eight_concurrent_retrain_now_start_exactly_one_cycle(backend, settings,
         t.join(30)
     assert len(started) == 1 and len(refused) == 7, (started, refused)
     assert all(f"run {started[0]} is still running" in m for m in refused)
-    assert [(r.id, r.status) for r in runs(engine)] == [(started[0], "running")]
+    assert [(r.id, r.status) for r in run_rows(engine)] == [(started[0], "running")]
     release.set()
     wait_until_none_runs(engine)
-    assert schedule.start_now(engine, lambda r: cycle.update(engine, r, status="succeeded")) > started[0]  # free again
+    assert schedule.start_now(engine, lambda r: runs.update(engine, r, status="succeeded")) > started[0]  # free again
     wait_until_none_runs(engine)
     engine.dispose()
 
 
 def wait_until_none_runs(engine, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
-    while any(r.status == "running" for r in runs(engine)) and time.monotonic() < deadline:
+    while any(r.status == "running" for r in run_rows(engine)) and time.monotonic() < deadline:
         time.sleep(0.1)
 
 
 def test_a_cron_firing_during_a_manual_cycle_leaves_a_skipped_row(engine, settings):
-    manual = cycle.claim(engine, "manual-now")
+    manual = runs.claim(engine, "manual-now")
     assert recording_firing(settings)() is None
-    found = runs(engine)
+    found = run_rows(engine)
     assert [(r.id, r.status) for r in found][0] == (manual, "running")
     skipped = found[1]
     assert skipped.status == "skipped" and f"run {manual} is still running" in skipped.reason
     assert skipped.slot == schedule.slot_for(settings, datetime.now(UTC))
-    assert recording_firing(settings)() is None and len(runs(engine)) == 2  # the same slot is not recorded twice
+    assert recording_firing(settings)() is None and len(run_rows(engine)) == 2  # the same slot is not recorded twice
 
 
 HOLDS_A_CYCLE = """
 import sys, time
 sys.path.insert(0, {root!r})
 from data_store.db import make_engine
-from retrain import cycle
-print(cycle.claim(make_engine({url!r}), "manual-killed"), flush=True)
+from retrain import runs
+print(runs.claim(make_engine({url!r}), "manual-killed"), flush=True)
 time.sleep(600)
 """
 
@@ -153,13 +153,13 @@ def test_kill_9_mid_cycle_then_the_next_firing_runs(engine, settings):
     code = HOLDS_A_CYCLE.format(root=str(Path(__file__).resolve().parents[1]), url=settings.db_url)
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=os.environ.copy())
     dead = int(proc.stdout.readline())
-    with pytest.raises(cycle.CycleRunning):  # alive, it holds the database's one running cycle
+    with pytest.raises(runs.CycleRunning):  # alive, it holds the database's one running cycle
         schedule.start_now(engine, lambda r: None)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
-    assert cycle.recover(engine) == [dead]  # what `tuneloop serve` does when it starts
-    row = next(r for r in runs(engine) if r.id == dead)
-    assert row.status == "failed" and row.reason.startswith(cycle.STOPPED) and row.finished_at is not None
+    assert runs.recover(engine) == [dead]  # what `tuneloop serve` does when it starts
+    row = next(r for r in run_rows(engine) if r.id == dead)
+    assert row.status == "failed" and row.reason.startswith(runs.STOPPED) and row.finished_at is not None
 
     # Without a restart, the next firing recovers it too.
     proc = subprocess.Popen([sys.executable, "-c", code.replace("manual-killed", "manual-killed-2")], stdout=subprocess.PIPE,
@@ -169,5 +169,5 @@ def test_kill_9_mid_cycle_then_the_next_firing_runs(engine, settings):
     proc.wait(10)
     ran = recording_firing(settings)()
     assert ran is not None and ran > dead2
-    statuses = {r.id: r.status for r in runs(engine)}
+    statuses = {r.id: r.status for r in run_rows(engine)}
     assert statuses[dead2] == "failed" and statuses[ran] == "succeeded"

@@ -4,7 +4,7 @@ import pytest
 
 from feedback import curation
 from feedback import record as feedback
-from retrain import export
+from retrain import examples, export
 
 QUESTIONS = ["What is the capital of France?", "Name a primary colour.", "How many legs does a spider have?",
              "What is two plus two?", "Which planet is the largest?", "What do bees make?"]
@@ -28,9 +28,9 @@ def exported(engine, settings, tmp_path):
             mid = m.id
         fb = feedback.record(engine, settings, mid, rating="down", correction=f"right answer {i}", author=f"user{i}")
         curation.approve(engine, settings, fb.id)
-    built = export.build(engine)
+    built = examples.build(engine)
     assert len(built.splits["train"]) >= 4
-    return {fmt: export.export(engine, fmt, "train", tmp_path / f"{fmt}.jsonl", built) and tmp_path / f"{fmt}.jsonl"
+    return {fmt: export.write(built, fmt, "train", tmp_path / f"{fmt}.jsonl") and tmp_path / f"{fmt}.jsonl"
             for fmt in ("sft", "dpo", "kto")}
 
 
