@@ -15,6 +15,7 @@ import signal
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +61,7 @@ def main() -> None:
                 client = VLLMClient(s.served_vllm_url)
                 started = time.perf_counter()
                 deps = cycle.Deps(s, engine, client, base, zero_adapter.ensure(client, s, base),
-                                  promote=lambda name: adapters.promote(engine, client, s, name))
+                                  promote=partial(adapters.promote, engine, client, s))
                 run = cycle.run_cycle(deps, runs.claim(engine, f"bench-{n}"), force=True)
                 wall = time.perf_counter() - started
             finally:

@@ -61,7 +61,8 @@ def curator_times(engine, settings, n: int = 20) -> dict:
             c = Conversation(source="api", author=f"user{i}")
             s.add(c)
             s.flush()
-            s.add(Message(conversation_id=c.id, position=0, role="user", content=f"What is the boiling point of liquid number {i} at sea level?"))
+            s.add(Message(conversation_id=c.id, position=0, role="user",
+                          content=f"What is the boiling point of liquid number {i} at sea level?"))
             m = Message(conversation_id=c.id, position=1, role="assistant", content="I do not know.")
             s.add(m)
             s.flush()

@@ -74,7 +74,7 @@ def metrics(answers: list[str], cases) -> list[tuple]:
 
     return [(normalize(a) == normalize(c.reference), token_f1(a, c.reference),
              sacrebleu.sentence_chrf(a, [c.reference]).score, sacrebleu.sentence_bleu(a, [c.reference]).score)
-            for a, c in zip(answers, cases)]
+            for a, c in zip(answers, cases, strict=False)]
 
 
 def main() -> None:

@@ -83,7 +83,7 @@ def score(url: str, rows: list[dict]) -> dict:
         with ThreadPoolExecutor(CONCURRENCY) as pool:
             got = list(pool.map(lambda row: ask(c, row["text"], 8), rows))
     strict, lenient, per_label, of_label = 0, 0, Counter(), Counter(r["label"] for r in rows)
-    for row, g in zip(rows, got):
+    for row, g in zip(rows, got, strict=False):
         said = normalize(g["answer"] or "")
         strict += said == row["label"]
         lenient += said.startswith(row["label"])
@@ -226,7 +226,8 @@ def corrections(url: str, rows: list[dict]) -> dict:
         report = bulk.json()
         counts = c.get("/api/curation/queue", params={"status": "approved", "limit": 1}).json()["counts"]
     out = {"asked": len(rows), "ask_failed": sum(g["answer"] is None for g, _ in got),
-           "asked_strict": round(sum(normalize(g["answer"] or "") == row["label"] for (g, _), row in zip(got, rows)) / len(rows), 4),
+           "asked_strict": round(sum(normalize(g["answer"] or "") == row["label"]
+                                    for (g, _), row in zip(got, rows, strict=False)) / len(rows), 4),
            "feedback_posted": sum(s == 200 for _, s in got), "feedback_failed": sum(s != 200 for _, s in got),
            "approved": report["done"], "approve_skipped": len(report["skipped"]), "approve_skipped_first": report["skipped"][:5],
            "curation_counts": counts, "ask_and_feedback_s": round(asked_s, 1)}

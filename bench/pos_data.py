@@ -62,7 +62,7 @@ def build(per_label_train: int, per_label_heldout: int, seed: int = 0, shuffle_l
     if shuffle_labels:  # the words stay, their labels are permuted among the train rows; held-out stays true
         labels = [r["label"] for r in train]
         rng.shuffle(labels)
-        train = [{"text": r["text"], "label": lab} for r, lab in zip(train, labels)]
+        train = [{"text": r["text"], "label": lab} for r, lab in zip(train, labels, strict=False)]
     return train, heldout
 
 

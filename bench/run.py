@@ -21,8 +21,10 @@ def load(run: dict) -> str:
 def dataset_rows(r: dict) -> list[str]:
     return [f"| dataset | {r['lines']} lines: import {r['import_s']} s + dedupe/split/build {r['dedupe_split_build_s']} s "
             f"= {r['total_s']} s, peak RSS {r['peak_rss_mb']} MB, {load(r)} | < {r['target_total_s']} s |"] + (
-        [f"| dataset | with the store full: approve one item {r['curator']['approve']['median_s']} s (worst {r['curator']['approve']['max_s']}), "
-         f"open the queue {r['curator']['queue']['median_s']} s, open one item {r['curator']['item']['median_s']} s | each < {r['target_curator_s']} s |"]
+        [f"| dataset | with the store full: approve one item {r['curator']['approve']['median_s']} s "
+         f"(worst {r['curator']['approve']['max_s']}), "
+         f"open the queue {r['curator']['queue']['median_s']} s, open one item {r['curator']['item']['median_s']} s "
+         f"| each < {r['target_curator_s']} s |"]
         if "curator" in r else [])
 
 

@@ -14,6 +14,7 @@ import gradio as gr
 
 from feedback import curation, runs_ui
 from feedback.record import FeedbackError
+from serve import identity
 from serve.services import Services
 
 COLUMNS = ["id", "status", "rating", "author", "adapter", "question", "answer", "correction", "comment", "updated"]
@@ -139,8 +140,6 @@ KEY_COLUMNS = ["id", "owner", "label", "created by", "created", "revoked"]
 
 def keys_tab(services: Services, demo: gr.Blocks) -> None:
     """Issue and revoke the API keys chat clients use; a new key is shown once, only its hash is kept."""
-    from serve import identity
-
     def rows():
         return [[k.id, k.owner, k.label, k.created_by, f"{k.created_at:%Y-%m-%d %H:%M}",
                  f"{k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else ""] for k in identity.list_keys(services.engine)]

@@ -56,7 +56,7 @@ def content_hash(prompt: Any, chosen: str | None, rejected: str | None, label: s
 
 def shingles(text: str) -> set[str]:
     words = key_text(text).split()
-    return {f"{a} {b}" for a, b in zip(words, words[1:])} or set(words) or {""}
+    return {f"{a} {b}" for a, b in zip(words, words[1:], strict=False)} or set(words) or {""}
 
 
 def template(examples: Iterable[tuple[str, str | None]]) -> frozenset[str]:
@@ -144,18 +144,18 @@ class NearDupIndex:
             self.sigs = np.concatenate([self.sigs, np.zeros_like(self.sigs)])
         self.sigs[i] = sig
         self.tags.append(tag)
-        for bucket, k in zip(self.buckets, keys if keys is not None else band_keys(sig[None])[0]):
+        for bucket, k in zip(self.buckets, keys if keys is not None else band_keys(sig[None])[0], strict=False):
             bucket.setdefault(k, []).append(i)
         return i
 
     def add_many(self, sigs: np.ndarray, tags: Sequence[Any]) -> None:
-        for sig, tag, keys in zip(sigs, tags, band_keys(sigs)):
+        for sig, tag, keys in zip(sigs, tags, band_keys(sigs), strict=False):
             self.add(sig, tag, keys)
 
     def match(self, sig: np.ndarray, keys: list[int] | None = None) -> int | None:
         """Index of the most similar stored signature at or above the threshold, or None."""
         cands: set[int] = set()
-        for bucket, k in zip(self.buckets, keys if keys is not None else band_keys(sig[None])[0]):
+        for bucket, k in zip(self.buckets, keys if keys is not None else band_keys(sig[None])[0], strict=False):
             hit = bucket.get(k)
             if hit:
                 cands.update(hit)
@@ -247,7 +247,8 @@ def overlap(indexed: Sequence[Item], indexed_sigs: np.ndarray, queries: Sequence
     index = NearDupIndex()
     index.add_many(indexed_sigs, [it.id for it in indexed])
     keys = band_keys(query_sigs)
-    return [(it.id, index.tags[hit]) for it, sig, k in zip(queries, query_sigs, keys) if (hit := index.match(sig, k)) is not None]
+    return [(it.id, index.tags[hit]) for it, sig, k in zip(queries, query_sigs, keys, strict=False)
+            if (hit := index.match(sig, k)) is not None]
 
 
 # ---- TRL dataset formats ----

@@ -83,9 +83,9 @@ def macro_f1(preds: Sequence[str], refs: Sequence[str]) -> float:
     labels = sorted(set(refs) | set(preds))
     scores = []
     for lab in labels:
-        tp = sum(p == lab and r == lab for p, r in zip(preds, refs))
-        fp = sum(p == lab and r != lab for p, r in zip(preds, refs))
-        fn = sum(p != lab and r == lab for p, r in zip(preds, refs))
+        tp = sum(p == lab and r == lab for p, r in zip(preds, refs, strict=False))
+        fp = sum(p == lab and r != lab for p, r in zip(preds, refs, strict=False))
+        fn = sum(p != lab and r == lab for p, r in zip(preds, refs, strict=False))
         scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
     return sum(scores) / len(scores) if scores else 0.0
 
@@ -199,7 +199,8 @@ def by_kind(scores: dict[str, list[float]], cases: Sequence[Case], answers: Sequ
     chat = [i for i, c in enumerate(cases) if not c.labels]
     labelled = [i for i, c in enumerate(cases) if c.labels]
     if chat:
-        out["chat"] = {"nll": [scores["nll"][i] for i in chat], **{m: scores[m] for m in ("exact_match", "token_f1", "chrf", "bleu") if m in scores}}
+        out["chat"] = {"nll": [scores["nll"][i] for i in chat],
+                       **{m: scores[m] for m in ("exact_match", "token_f1", "chrf", "bleu") if m in scores}}
     if labelled:
         refs = [cases[i].reference for i in labelled]
         majority = Counter(refs).most_common(1)[0][0]

@@ -98,13 +98,15 @@ def assign_in(s, settings: Settings, prompts: dict[str, list[dict[str, str]]], a
                            .order_by(SplitKey.created_at.desc()).limit(WINDOW)).all()
     recent = s.execute(select(Example.prompt, Example.chosen, Example.rejected).order_by(Example.id.desc()).limit(WINDOW)).all()
     texts = [dataset.prompt_text(prompts[k]) for k in new_keys]
-    tmpl = dataset.template([*((dataset.prompt_text(p), c or r) for p, c, r in recent), *zip(texts, (answers.get(k) for k in new_keys))])
+    tmpl = dataset.template([*((dataset.prompt_text(p), c or r) for p, c, r in recent),
+                             *zip(texts, (answers.get(k) for k in new_keys), strict=True)])
     sigs = dataset.signatures(texts, tmpl)
     counts = dict(s.execute(select(SplitKey.split, func.count()).group_by(SplitKey.split)).all())
     existing = ((k, sp, np.frombuffer(mh, dtype=np.uint32)) for k, sp, mh in stored)
-    fresh = dataset.assign_splits(existing, list(zip(new_keys, sigs)), settings.split_ratios, counts)
+    fresh = dataset.assign_splits(existing, list(zip(new_keys, sigs, strict=False)), settings.split_ratios, counts)
     stamp = now()
-    rows = [{"key": k, "split": fresh.split[k], "minhash": sig.tobytes(), "created_at": stamp} for k, sig in zip(new_keys, sigs)]
+    rows = [{"key": k, "split": fresh.split[k], "minhash": sig.tobytes(), "created_at": stamp}
+            for k, sig in zip(new_keys, sigs, strict=True)]
     of = {k: known[k] if k in known else fresh.split[k] for k in prompts}
     return Splits(of, rows, fresh.twin, len(tmpl))
 
@@ -137,7 +139,7 @@ def load(engine: Engine) -> tuple[list[Item], np.ndarray, frozenset[str]]:
                          .order_by(Example.id)).all()
     items = [Item(e.id, e.prompt, e.chosen, e.rejected, e.rating, sp, e.source, e.feedback_id, e.label, e.kind) for e, sp in rows]
     texts = [dataset.prompt_text(it.prompt) for it in items]
-    tmpl = dataset.template((t, it.chosen or it.rejected) for t, it in zip(texts, items) if it.source != PROBE)
+    tmpl = dataset.template((t, it.chosen or it.rejected) for t, it in zip(texts, items, strict=False) if it.source != PROBE)
     return items, dataset.signatures(texts, tmpl), tmpl
 
 

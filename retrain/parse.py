@@ -64,7 +64,8 @@ def parse_lines(lines: Iterable[bytes], source: str, known_labels: set[str] | No
         rec.source_ref = f"{source}:{n}"
         if rec.label is not None:
             if known_labels is not None and rec.label not in known_labels:
-                out.errors.append(LineError(n, f"unknown label {rec.label!r}; known labels: {', '.join(sorted(known_labels))} (pass --labels to extend the set)"))
+                out.errors.append(LineError(n, f"unknown label {rec.label!r}; known labels: {', '.join(sorted(known_labels))} "
+                                               "(pass --labels to extend the set)"))
                 continue
             out.labels.setdefault(rec.label, n)
         out.records.append(rec)

@@ -59,7 +59,7 @@ def target_splits(keys: Sequence[str], examples: Sequence[tuple[str, Any]], rati
     """Splits as today's rule would assign these prompts from scratch, and their content signatures."""
     tmpl = dataset.template(examples)
     sigs = dataset.signatures([t for t, _ in examples], tmpl)
-    return dataset.assign_splits([], list(zip(keys, sigs)), ratios, {}).split, sigs
+    return dataset.assign_splits([], list(zip(keys, sigs, strict=False)), ratios, {}).split, sigs
 
 
 def resplit(engine: Engine, ratios: Sequence[float], apply: bool = True) -> dict[str, Any]:
@@ -74,7 +74,7 @@ def resplit(engine: Engine, ratios: Sequence[float], apply: bool = True) -> dict
     held = sum(1 for k in keys if current[k] == "test" and target[k] != "test" and k not in moves)
     if apply:
         with session(engine) as s:  # every signature under today's template, so later imports compare alike
-            for key, sig in zip(keys, sigs):
+            for key, sig in zip(keys, sigs, strict=False):
                 s.execute(update(SplitKey).where(SplitKey.key == key).values(split=moves.get(key, current[key]), minhash=sig.tobytes()))
     after = {**current, **moves}
     return {"prompts": len(keys), "before": dict(Counter(current[k] for k in keys)), "after": dict(Counter(after[k] for k in keys)),

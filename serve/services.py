@@ -13,6 +13,7 @@ from serve.auth import CuratorAuth
 from serve.chat import ChatService
 from serve.client import VLLMClient
 from serve.identity import Identities
+from serve.model import served_name
 from serve.vllm_server import VLLMSupervisor
 from settings import Settings
 
@@ -69,7 +70,5 @@ class Services:
 
 
 def build(settings: Settings, engine: Engine, client: VLLMClient, base_model: str) -> Services:
-    from serve.model import served_name
-
     chat = ChatService(settings, engine, client, served_name(settings), zero_adapter.route(settings))
     return Services(settings, engine, client, chat, base_model)

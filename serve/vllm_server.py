@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import httpx
 
+from serve import model as base_model
 from settings import Settings
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,8 @@ class VLLMSupervisor:
                 self._after_ready()
                 return
             time.sleep(1)
-        raise TimeoutError(f"vLLM was not healthy after {self.settings.vllm_startup_timeout_s:.0f}s; see {self.settings.logs_dir / 'vllm.log'}")
+        raise TimeoutError(f"vLLM was not healthy after {self.settings.vllm_startup_timeout_s:.0f}s; "
+                           f"see {self.settings.logs_dir / 'vllm.log'}")
 
     def _after_ready(self) -> None:
         """Ready means serving what the database says is active; until then say why not."""
@@ -171,8 +173,6 @@ def healthy(url: str) -> bool:
 
 
 if __name__ == "__main__":
-    from serve import model as base_model
-
     logging.basicConfig(level=logging.INFO)
     s = Settings()
     sup = VLLMSupervisor(s, base_model.resolve(s), base_model.served_name(s))

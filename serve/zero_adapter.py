@@ -14,6 +14,9 @@ import os
 import shutil
 from pathlib import Path
 
+from serve.adapters import base_linears, validate
+from serve.model import served_name
+from serve.vllm_server import has_gpu
 from settings import Settings
 
 NAME = "_base-zero-lora"  # starts with '_', so no registered version can ever take it
@@ -23,8 +26,6 @@ RANK = 8
 def wanted(settings: Settings) -> bool:
     if settings.base_via_zero_adapter is not None:
         return settings.base_via_zero_adapter
-    from serve.vllm_server import has_gpu
-
     return settings.vllm_mode == "spawn" and not has_gpu()
 
 
@@ -32,8 +33,6 @@ def build(settings: Settings, base_model: str) -> Path:
     """Write the zero adapter for base_model once (the directory is keyed by the model's name)."""
     import torch
     from safetensors.torch import save_file
-
-    from serve.adapters import base_linears, validate
 
     out = settings.data_dir / "zero-adapter" / Path(base_model).name
     if out.exists():  # renamed into place only when complete
@@ -61,8 +60,6 @@ def build(settings: Settings, base_model: str) -> Path:
 
 def route(settings: Settings) -> str:
     """The model name to ask vLLM for when the base model should answer."""
-    from serve.model import served_name
-
     return NAME if wanted(settings) else served_name(settings)
 
 

@@ -22,7 +22,8 @@ def n_examples(engine):
 
 
 GOOD = [
-    json.dumps({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]}),
+    json.dumps({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
+                             {"role": "assistant", "content": "4"}]}),
     json.dumps({"prompt": "Name a primary colour.", "completion": "Red."}),
     json.dumps({"input": "Translate 'cat' to French.", "output": "chat"}),
 ]
@@ -73,7 +74,8 @@ def test_empty_file(engine, settings, tmp_path):
 
 
 def test_unknown_label_against_recorded_set(engine, settings, tmp_path):
-    importer.import_file(engine, settings, write(tmp_path / "a.jsonl", ['{"text": "good", "label": "pos"}', '{"text": "bad", "label": "neg"}']))
+    lines = ['{"text": "good", "label": "pos"}', '{"text": "bad", "label": "neg"}']
+    importer.import_file(engine, settings, write(tmp_path / "a.jsonl", lines))
     bad = write(tmp_path / "b.jsonl", ['{"text": "so-so", "label": "neutral"}'])
     with pytest.raises(ImportFailed, match="unknown label 'neutral'; known labels: neg, pos"):
         importer.import_file(engine, settings, bad)
@@ -121,7 +123,7 @@ def test_split_is_stable_and_frozen(engine, settings, tmp_path):
         after = dict(s.exec(select(SplitKey.key, SplitKey.split)).all())
     assert {k: after[k] for k in before} == before  # old examples never move
     shares = {sp: list(after.values()).count(sp) / len(after) for sp in dataset.SPLITS}
-    assert all(abs(shares[sp] - r) <= 0.03 for sp, r in zip(dataset.SPLITS, settings.split_ratios)), shares
+    assert all(abs(shares[sp] - r) <= 0.03 for sp, r in zip(dataset.SPLITS, settings.split_ratios, strict=False)), shares
 
 
 def templated(words: list[str], labels=("noun", "verb", "adjective", "adverb")) -> list[str]:
@@ -135,7 +137,7 @@ def test_templated_data_keeps_every_example_and_splits_80_10_10(engine, settings
     report = importer.import_file(engine, settings, write(tmp_path / "pos.jsonl", templated(words)))
     assert report.added == 170 and report.near_duplicates["grouped"] == 0 and not report.warnings
     assert report.near_duplicates["template_bigrams"] >= 10  # the shared instruction was recognized
-    for sp, r in zip(dataset.SPLITS, settings.split_ratios):
+    for sp, r in zip(dataset.SPLITS, settings.split_ratios, strict=False):
         assert abs(report.splits[sp] / 170 - r) <= 0.03, report.splits
     built = examples.build(engine)
     assert {k: len(v) for k, v in built.splits.items()} == report.splits  # nothing collapsed, nothing decontaminated
@@ -172,7 +174,8 @@ def test_near_duplicates_share_split_and_collapse_to_best_rated(engine, settings
 
 
 def test_test_never_has_a_twin_in_train(engine, settings, tmp_path):
-    lines = [json.dumps({"prompt": f"Tell me about item {i} and its {i % 13} neighbours in the catalogue", "completion": "ok"}) for i in range(400)]
+    lines = [json.dumps({"prompt": f"Tell me about item {i} and its {i % 13} neighbours in the catalogue", "completion": "ok"})
+             for i in range(400)]
     importer.import_file(engine, settings, write(tmp_path / "c.jsonl", lines))
     built = examples.build(engine)  # raises LeakError on overlap
     train_prompts = {dataset.key_text(dataset.prompt_text(it.prompt)) for it in built.splits["train"]}
@@ -184,12 +187,14 @@ def test_leak_check_fires(tmp_path):
     b = dataset.Item(2, [{"role": "user", "content": "The same question about the weather in Paris!"}], "y", None, 0, "test", "import")
     sigs = dataset.signatures([dataset.prompt_text(a.prompt), dataset.prompt_text(b.prompt)])
     with pytest.raises(examples.LeakError, match="twin in train"):
-        examples.check_no_leak(examples.Built({"train": [a], "val": [], "test": [b]}), {"train": sigs[:1], "val": sigs[:0], "test": sigs[1:]})
+        examples.check_no_leak(examples.Built({"train": [a], "val": [], "test": [b]}),
+                               {"train": sigs[:1], "val": sigs[:0], "test": sigs[1:]})
 
 
 def test_export_formats_and_manifest(engine, settings, tmp_path):
     item = dataset.Item(1, [{"role": "user", "content": "Capital of France?"}], "Paris.", "Lyon.", 1, "train", "feedback", 9)
-    assert dataset.sft_rows(item) == [{"messages": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]}]
+    assert dataset.sft_rows(item) == [{"messages": [{"role": "user", "content": "Capital of France?"},
+                                                    {"role": "assistant", "content": "Paris."}]}]
     assert dataset.dpo_rows(item)[0]["chosen"] == [{"role": "assistant", "content": "Paris."}]
     assert [r["label"] for r in dataset.kto_rows(item)] == [True, False]
     liked_only = dataset.Item(2, item.prompt, "Paris.", None, 1, "train", "feedback", 10)
