@@ -158,7 +158,7 @@ def approve_in(s: Session, settings: Settings, fb: Feedback) -> Example:
     s.exec(delete(Example).where(Example.feedback_id == fb.id))  # re-approval replaces the old example
     prompt = _context(s, msg)
     key = dataset.prompt_key(prompt)
-    splits = examples.assign_in(s, settings, {key: prompt}, {key: chosen or rejected})
+    splits = examples.assign_in(s, settings.split_ratios, {key: prompt}, {key: chosen or rejected})
     for row in splits.new_rows:
         s.add(SplitKey(**row))
     s.flush()

@@ -7,6 +7,7 @@ formats) are in retrain/dataset.py. Splits are assigned per prompt once and neve
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,6 @@ from data_store.models import Example, LabelSet, SplitKey, now
 from data_store.text import unstorable
 from retrain import dataset
 from retrain.dataset import Item
-from settings import Settings
 
 
 def known_labels(engine: Engine) -> set[str] | None:
@@ -72,12 +72,12 @@ class Splits:
     template: int = 0  # template bigrams left out of the comparison
 
 
-def assign(engine: Engine, settings: Settings, prompts: dict[str, list[dict[str, str]]], answers: dict[str, str | None]) -> Splits:
+def assign(engine: Engine, ratios: Sequence[float], prompts: dict[str, list[dict[str, str]]], answers: dict[str, str | None]) -> Splits:
     with session(engine) as s:
-        return assign_in(s, settings, prompts, answers, every_known=True)
+        return assign_in(s, ratios, prompts, answers, every_known=True)
 
 
-def assign_in(s, settings: Settings, prompts: dict[str, list[dict[str, str]]], answers: dict[str, str | None],
+def assign_in(s, ratios: Sequence[float], prompts: dict[str, list[dict[str, str]]], answers: dict[str, str | None],
               every_known: bool = False) -> Splits:
     """Known keys keep their split; new ones get one (inherited from a near-duplicate, else the
     split furthest below its share). A bulk import compares new prompts with every stored one; one
@@ -103,7 +103,7 @@ def assign_in(s, settings: Settings, prompts: dict[str, list[dict[str, str]]], a
     sigs = dataset.signatures(texts, tmpl)
     counts = dict(s.execute(select(SplitKey.split, func.count()).group_by(SplitKey.split)).all())
     existing = ((k, sp, np.frombuffer(mh, dtype=np.uint32)) for k, sp, mh in stored)
-    fresh = dataset.assign_splits(existing, list(zip(new_keys, sigs, strict=False)), settings.split_ratios, counts)
+    fresh = dataset.assign_splits(existing, list(zip(new_keys, sigs, strict=False)), ratios, counts)
     stamp = now()
     rows = [{"key": k, "split": fresh.split[k], "minhash": sig.tobytes(), "created_at": stamp}
             for k, sig in zip(new_keys, sigs, strict=True)]

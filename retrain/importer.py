@@ -84,7 +84,7 @@ def import_file(engine: Engine, settings: Settings, path: Path, skip_invalid: bo
             unique[h] = r
     for h, r in unique.items():
         keys[h] = dataset.prompt_key(r.prompt)
-    splits = examples.assign(engine, settings, {keys[h]: r.prompt for h, r in unique.items()},
+    splits = examples.assign(engine, settings.split_ratios, {keys[h]: r.prompt for h, r in unique.items()},
                     {keys[h]: r.chosen or r.rejected for h, r in unique.items()})
     stamp = now()
     new_labels = {lab: ln for lab, ln in parsed.labels.items() if lab not in (allowed or set())}
