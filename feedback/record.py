@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
 from data_store.db import session
+from data_store.errors import Refused
 from data_store.models import Conversation, Feedback, Message
 from data_store.text import unstorable
 from settings import Settings
@@ -21,10 +22,8 @@ UNSET: Any = object()  # "not given": leave the field as it is (None means clear
 RATINGS = ("up", "down")
 
 
-class FeedbackError(ValueError):
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
+class FeedbackError(Refused):
+    """400, 403 (not your conversation) or 404 (no such feedback): feedback or curation refused."""
 
 
 def check(rating: Any, correction: Any, comment: Any, max_chars: int) -> None:
@@ -85,7 +84,7 @@ def _upsert(engine: Engine, settings: Settings, message_id: int, rating: Any, co
         if curation.auto_approves(settings, fb):
             try:
                 curation.approve_in(s, settings, fb)
-            except curation.CurationError:
+            except FeedbackError:
                 pass  # over the author's cap, or nothing to learn: it waits for a curator
         return fb
 

@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import func, select
 
 from data_store.db import session
+from data_store.errors import Refused
 from data_store.models import Adapter, EvalResult, Example, TrainingRun, now
 from retrain import dataset, evaluate, export, gate
 from retrain.dataset import Item
@@ -34,8 +35,13 @@ from settings import Settings
 Event = Callable[[dict], None]
 
 
-class SlotTaken(RuntimeError):
-    """Another process already runs (or ran) the cycle for this slot."""
+class SlotTaken(Refused):
+    """409: another process already runs (or ran) the cycle for this slot."""
+
+    status = 409
+
+    def __init__(self, what: str):
+        super().__init__(f"a cycle is already running: {what}")
 
 
 class CycleRunning(SlotTaken):

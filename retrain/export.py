@@ -19,13 +19,16 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from data_store.db import session
+from data_store.errors import Refused
 from data_store.models import Example, SplitKey
 from retrain import dataset
 from retrain.dataset import Item
 
 
-class LeakError(RuntimeError):
-    """A test prompt has a twin in train: evaluation on it would mean nothing."""
+class LeakError(Refused):
+    """409: a test prompt has a twin in train: evaluation on it would mean nothing."""
+
+    status = 409
 
 
 PROBE = "probe"  # Example.source of imported regression probes

@@ -15,13 +15,16 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.engine import Engine
 
 from data_store.db import session
+from data_store.errors import Refused
 from data_store.models import Example, LabelSet, SplitKey, now
 from data_store.text import unstorable
 from retrain import dataset, parse
 from settings import Settings
 
 
-class ImportFailed(ValueError):
+class ImportFailed(Refused):
+    """400: the file cannot be imported; `errors` names its bad lines."""
+
     def __init__(self, message: str, errors: list[parse.LineError]):
         super().__init__(message)
         self.errors = errors
