@@ -108,37 +108,17 @@ def model_pull() -> None:
     typer.echo(f"model ready at {path}")
 
 
-def _app_url(settings) -> str:
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    return f"http://{host}:{settings.port}"
-
-
-def _app_headers(settings) -> dict:
-    """The CLI's credentials for the running app: the admin token if configured, else the local token
-    the service keeps in its data directory (so curator logins alone do not lock the CLI out)."""
-    from serve.auth import cli_token
-
-    token = settings.admin_token or cli_token(settings)
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
-
 def _through_app(settings, path: str, body: dict | None = None):
-    """Ask the running app to act, so it drains requests on the old version before unloading it.
-
-    Returns the JSON answer, or None when the app is not running.
-    """
-    import httpx
+    """Ask the running app to act (serve/app_client.py), so it drains requests on the old version before
+    unloading it. Returns the JSON answer, or None when the app is not running."""
+    from serve.app_client import AppClient, AppError, NotRunning
 
     try:
-        r = httpx.post(f"{_app_url(settings)}{path}", json=body, headers=_app_headers(settings), timeout=600)
-    except httpx.ConnectError:
+        return AppClient(settings).post(path, body)
+    except NotRunning:
         return None
-    if r.status_code >= 400:
-        try:
-            fail(r.json()["error"]["message"])
-        except (ValueError, KeyError):
-            fail(f"the service answered {r.status_code}: {r.text[:300]}")
-    return r.json()
+    except AppError as e:
+        fail(str(e))
 
 
 @adapters_cli.command("list")
@@ -310,8 +290,9 @@ def retrain(now: bool = typer.Option(False, "--now", help="Run one cycle now on 
     """Run a retrain cycle now: train, evaluate against the active version, promote if better."""
     import time
 
-    import httpx
     from tqdm import tqdm
+
+    from serve.app_client import AppClient, AppError
 
     if not now:
         fail("the nightly cycle runs inside `tuneloop serve`; use --now to run one immediately")
@@ -320,11 +301,13 @@ def retrain(now: bool = typer.Option(False, "--now", help="Run one cycle now on 
     if started is None:
         fail(f"the service is not running at {settings.host}:{settings.port}; start it with `make run` "
              "(a cycle evaluates through its vLLM server)")
-    run_id = started["run_id"]
-    headers = _app_headers(settings)
+    run_id, client = started["run_id"], AppClient(settings)
     bar = tqdm(desc=f"run {run_id}", unit="step", total=None)
     while True:
-        run = httpx.get(f"{_app_url(settings)}/api/curation/runs/{run_id}", headers=headers, timeout=30).json()
+        try:
+            run = client.get(f"/api/curation/runs/{run_id}")
+        except AppError as e:
+            fail(str(e))
         history = run.get("history") or []
         steps = [h for h in history if "step" in h]
         if steps:
