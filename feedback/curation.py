@@ -17,17 +17,11 @@ from sqlmodel import Session, delete, func, select
 
 from data_store.db import session
 from data_store.models import ANONYMOUS, Example, Feedback, LabelSet, Message, SplitKey, TrainingRun, now
-from feedback.record import UNSET, check
+from feedback.fields import UNSET, FeedbackError, check
 from retrain import dataset, examples
 from settings import Settings
 
 STATUSES = ("pending", "approved", "rejected")
-
-
-class CurationError(ValueError):
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass
@@ -69,7 +63,7 @@ def _query(f: Filters):
     q = select(Feedback, Message).join(Message, Message.id == Feedback.message_id)
     if f.status:
         if f.status not in STATUSES:
-            raise CurationError(f"status {f.status!r} is not one of {', '.join(STATUSES)}")
+            raise FeedbackError(f"status {f.status!r} is not one of {', '.join(STATUSES)}")
         q = q.where(Feedback.status == f.status)
     if f.rating == "none":
         q = q.where(Feedback.rating.is_(None))
@@ -100,7 +94,7 @@ def item(engine: Engine, feedback_id: int) -> QueueItem:
     with session(engine) as s:
         found = s.exec(select(Feedback, Message).join(Message, Message.id == Feedback.message_id).where(Feedback.id == feedback_id)).first()
         if found is None:
-            raise CurationError(f"feedback {feedback_id} does not exist", 404)
+            raise FeedbackError(f"feedback {feedback_id} does not exist", 404)
         fb, m = found
         return QueueItem(fb.id, m.id, fb.status, fb.rating, fb.author, m.adapter, _context(s, m), m.content,
                          fb.correction, fb.comment, fb.updated_at)
@@ -131,7 +125,7 @@ def approve(engine: Engine, settings: Settings, feedback_id: int, correction: An
     with session(engine) as s:
         fb = s.get(Feedback, feedback_id)
         if fb is None:
-            raise CurationError(f"feedback {feedback_id} does not exist", 404)
+            raise FeedbackError(f"feedback {feedback_id} does not exist", 404)
         if correction is not None:
             check(UNSET, correction, UNSET, settings.max_input_chars)
             fb.correction = correction
@@ -144,7 +138,7 @@ def approve_in(s: Session, settings: Settings, fb: Feedback) -> Example:
     chosen = fb.correction or (msg.content if fb.rating == "up" else None)
     rejected = msg.content if (fb.correction or fb.rating == "down") else None
     if chosen is None and rejected is None:
-        raise CurationError(f"feedback {fb.id} has no rating or correction; there is nothing to learn from it")
+        raise FeedbackError(f"feedback {fb.id} has no rating or correction; there is nothing to learn from it")
     # Anyone can open a new anonymous session, so all anonymous sessions share one cap.
     anonymous = fb.author.startswith(ANONYMOUS)
     same_author = Example.author.startswith(ANONYMOUS) if anonymous else Example.author == fb.author
@@ -153,7 +147,7 @@ def approve_in(s: Session, settings: Settings, fb: Feedback) -> Example:
         Example.feedback_id != fb.id)).one()
     if approved >= settings.curation_author_cap:
         who = "anonymous sessions together have" if anonymous else f"author {fb.author!r} already has"
-        raise CurationError(f"{who} {approved} approved examples this cycle "
+        raise FeedbackError(f"{who} {approved} approved examples this cycle "
                             f"(cap TUNELOOP_CURATION_AUTHOR_CAP={settings.curation_author_cap}); approve after the next cycle")
     s.exec(delete(Example).where(Example.feedback_id == fb.id))  # re-approval replaces the old example
     prompt = _context(s, msg)
@@ -190,7 +184,7 @@ def reject(engine: Engine, feedback_id: int) -> None:
     with session(engine) as s:
         fb = s.get(Feedback, feedback_id)
         if fb is None:
-            raise CurationError(f"feedback {feedback_id} does not exist", 404)
+            raise FeedbackError(f"feedback {feedback_id} does not exist", 404)
         withdraw_in(s, fb, "rejected")
 
 
@@ -212,7 +206,7 @@ def bulk(engine: Engine, settings: Settings, action: str, f: Filters) -> BulkRep
     """Approve or reject everything the current filter shows; each item is its own transaction,
     so one capped or empty item does not undo the others."""
     if action not in ("approve", "reject"):
-        raise CurationError(f"bulk action {action!r}; use approve or reject")
+        raise FeedbackError(f"bulk action {action!r}; use approve or reject")
     with session(engine) as s:
         ids = list(s.exec(_query(f).with_only_columns(Feedback.id).order_by(Feedback.id)).all())
     done, skipped = 0, []
@@ -220,6 +214,6 @@ def bulk(engine: Engine, settings: Settings, action: str, f: Filters) -> BulkRep
         try:
             approve(engine, settings, fid) if action == "approve" else reject(engine, fid)
             done += 1
-        except CurationError as e:
+        except FeedbackError as e:
             skipped.append(f"feedback {fid}: {e}")
     return BulkReport(done, skipped)

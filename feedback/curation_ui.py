@@ -12,8 +12,8 @@ from typing import Any
 
 import gradio as gr
 
+from data_store.errors import Refused
 from feedback import curation, runs_ui
-from feedback.record import FeedbackError
 from serve import identity
 from serve.services import Services
 
@@ -67,8 +67,8 @@ def build(services: Services) -> gr.Blocks:
             return "", "", "", ""
         try:
             i = curation.item(engine, int(fid))
-        except curation.CurationError as e:
-            raise gr.Error(str(e))
+        except Refused as e:
+            raise gr.Error(str(e)) from None
         convo = "\n\n".join(f"[{m['role']}] {m['content']}" for m in i.context)
         return convo, i.answer, i.correction or "", f"{i.rating or 'no rating'} · {i.author} · {i.status} · comment: {i.comment or '-'}"
 
@@ -80,8 +80,8 @@ def build(services: Services) -> gr.Blocks:
                 curation.approve(engine, settings, int(fid), correction if correction.strip() else None)
             else:
                 curation.reject(engine, int(fid))
-        except (curation.CurationError, FeedbackError) as e:
-            raise gr.Error(str(e))
+        except Refused as e:
+            raise gr.Error(str(e)) from None
         table, label = load(*flt)
         return table, label, f"Feedback {int(fid)} {action}d."
 
@@ -147,8 +147,8 @@ def keys_tab(services: Services, demo: gr.Blocks) -> None:
     def issue(owner: str, label: str, request: gr.Request):
         try:
             got = identity.issue_key(services.engine, owner, label, by=getattr(request, "username", None) or "open")
-        except identity.ApiKeyError as e:
-            raise gr.Error(str(e))
+        except Refused as e:
+            raise gr.Error(str(e)) from None
         return rows(), got.key, f"Key {got.id} issued for **{got.owner}**. Copy it now: it is not shown again."
 
     def revoke(key_id):
@@ -156,8 +156,8 @@ def keys_tab(services: Services, demo: gr.Blocks) -> None:
             raise gr.Error("Enter the id of the key to revoke.")
         try:
             row = identity.revoke_key(services.engine, int(key_id))
-        except identity.ApiKeyError as e:
-            raise gr.Error(str(e))
+        except Refused as e:
+            raise gr.Error(str(e)) from None
         return rows(), f"Key {row.id} of **{row.owner}** is revoked: its next request gets 401."
 
     gr.Markdown("API clients send `Authorization: Bearer <key>`; their chats and feedback are the key owner's.")

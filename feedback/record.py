@@ -14,34 +14,9 @@ from sqlmodel import select
 
 from data_store.db import session
 from data_store.models import Conversation, Feedback, Message
-from data_store.text import unstorable
+from feedback import curation
+from feedback.fields import UNSET, FeedbackError, check
 from settings import Settings
-
-UNSET: Any = object()  # "not given": leave the field as it is (None means clear it)
-RATINGS = ("up", "down")
-
-
-class FeedbackError(ValueError):
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
-
-
-def check(rating: Any, correction: Any, comment: Any, max_chars: int) -> None:
-    """Pure validation of the fields given; raises FeedbackError naming the problem."""
-    if rating is not UNSET and rating is not None and rating not in RATINGS:
-        raise FeedbackError(f"rating is {rating!r}; use 'up', 'down' or null to clear it")
-    for field, value in (("correction", correction), ("comment", comment)):
-        if value is UNSET or value is None:
-            continue
-        if not isinstance(value, str):
-            raise FeedbackError(f"{field} must be text")
-        if len(value) > max_chars:
-            raise FeedbackError(f"{field} has {len(value)} characters, above the limit of {max_chars}; shorten it")
-        if problem := unstorable(value):
-            raise FeedbackError(f"{field} {problem}")
-    if isinstance(correction, str) and not correction.strip():
-        raise FeedbackError("correction is empty; send the corrected answer, or null to withdraw the correction")
 
 
 def record(engine: Engine, settings: Settings, message_id: int, *, rating: Any = UNSET, correction: Any = UNSET,
@@ -59,7 +34,6 @@ def record(engine: Engine, settings: Settings, message_id: int, *, rating: Any =
 
 def _upsert(engine: Engine, settings: Settings, message_id: int, rating: Any, correction: Any, comment: Any,
             author: str) -> Feedback:
-    from feedback import curation  # curation builds on this module
     with session(engine) as s:
         msg = s.get(Message, message_id)
         conv = s.get(Conversation, msg.conversation_id) if msg is not None else None
@@ -85,7 +59,7 @@ def _upsert(engine: Engine, settings: Settings, message_id: int, rating: Any, co
         if curation.auto_approves(settings, fb):
             try:
                 curation.approve_in(s, settings, fb)
-            except curation.CurationError:
+            except FeedbackError:
                 pass  # over the author's cap, or nothing to learn: it waits for a curator
         return fb
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from retrain.runs import SlotTaken, get_run, list_runs
+from data_store.errors import Refused
+from retrain.runs import get_run, list_runs
 from serve import adapters
 from serve.services import Services
 
@@ -29,16 +30,16 @@ def build(services: Services, demo: gr.Blocks) -> None:
     def retrain_now():
         try:
             rid = services.retrain_now()
-        except SlotTaken as e:
-            raise gr.Error(str(e))
+        except Refused as e:
+            raise gr.Error(str(e)) from None
         rows, serving = table()
         return rows, serving, f"Run {rid} started; press Refresh to follow it.", rid
 
     def rollback():
         try:
             back = services.rollback()
-        except adapters.AdapterError as e:
-            raise gr.Error(str(e))
+        except Refused as e:
+            raise gr.Error(str(e)) from None
         rows, serving = table()
         return rows, serving, f"Rolled back: {back or 'the base model'} serves again."
 

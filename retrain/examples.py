@@ -16,6 +16,7 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.engine import Engine
 
 from data_store.db import session
+from data_store.errors import Refused
 from data_store.models import Example, LabelSet, SplitKey, now
 from data_store.text import unstorable
 from retrain import dataset
@@ -111,8 +112,10 @@ def assign_in(s, ratios: Sequence[float], prompts: dict[str, list[dict[str, str]
     return Splits(of, rows, fresh.twin, len(tmpl))
 
 
-class LeakError(RuntimeError):
-    """A test prompt has a twin in train: evaluation on it would mean nothing."""
+class LeakError(Refused):
+    """409: a test prompt has a twin in train: evaluation on it would mean nothing."""
+
+    status = 409
 
 
 PROBE = "probe"  # Example.source of imported regression probes

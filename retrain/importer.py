@@ -13,13 +13,16 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from data_store.db import session
+from data_store.errors import Refused
 from data_store.models import now
 from retrain import dataset, examples, parse
 from retrain.examples import Splits
 from settings import Settings
 
 
-class ImportFailed(ValueError):
+class ImportFailed(Refused):
+    """400: the file cannot be imported; `errors` names its bad lines."""
+
     def __init__(self, message: str, errors: list[parse.LineError]):
         super().__init__(message)
         self.errors = errors

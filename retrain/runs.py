@@ -17,11 +17,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
 from data_store.db import session
+from data_store.errors import Refused
 from data_store.models import TrainingRun, now
 
 
-class SlotTaken(RuntimeError):
-    """Another process already runs (or ran) the cycle for this slot."""
+class SlotTaken(Refused):
+    """409: another process already runs (or ran) the cycle for this slot."""
+
+    status = 409
+
+    def __init__(self, what: str):
+        super().__init__(f"a cycle is already running: {what}")
 
 
 class CycleRunning(SlotTaken):

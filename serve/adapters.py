@@ -22,6 +22,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import select
 
 from data_store.db import session
+from data_store.errors import Refused
 from data_store.models import Adapter, Deployment
 from serve.client import VLLMClient, VLLMError
 from settings import Settings
@@ -31,8 +32,8 @@ METADATA = "tuneloop-adapter.json"
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".ckpt"}
 
 
-class AdapterError(ValueError):
-    """A bad adapter or request; the message names the problem and the fix."""
+class AdapterError(Refused):
+    """400: a bad adapter or request."""
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The JSON API: OpenAI-compatible chat, feedback, health and adapter administration.
 
-Every error is OpenAI-shaped, {"error": {"message", "type"}}, with a 4xx for bad input and a 503
-when vLLM cannot answer; nothing is stored for a request that fails.
+Every error is OpenAI-shaped, {"error": {"message", "type"}}: a refusal (data_store/errors.py) with
+its own 4xx, a 503 when vLLM cannot answer; nothing is stored for a request that fails.
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from data_store.db import ping
+from data_store.errors import Refused
 from feedback import curation
 from feedback import record as feedback
-from retrain.runs import SlotTaken, get_run, list_runs
+from feedback.fields import UNSET
+from retrain.runs import get_run, list_runs
 from serve import adapters, identity
-from serve.chat import ChatInputError, Turn
+from serve.chat import Turn
 from serve.client import VLLMError, VLLMUnavailable
 from serve.services import Services
 
@@ -108,6 +110,9 @@ class PromoteRequest(BaseModel):
     name: str
 
 
+KINDS = {401: "unauthorized", 404: "not_found", 409: "conflict"}  # the body's error type; others are invalid_request_error
+
+
 def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
 
@@ -125,9 +130,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _invalid(_request: Request, exc: RequestValidationError):
         return error(400, _describe(exc))
 
-    @app.exception_handler(ChatInputError)
-    async def _chat_input(_request: Request, exc: ChatInputError):
-        return error(400, str(exc))
+    @app.exception_handler(Refused)
+    async def _refused(_request: Request, exc: Refused):
+        return error(exc.status, str(exc), KINDS.get(exc.status, "invalid_request_error"))
 
     @app.exception_handler(VLLMUnavailable)
     async def _down(_request: Request, exc: VLLMUnavailable):
@@ -138,26 +143,6 @@ def install_error_handlers(app: FastAPI) -> None:
         status = 400 if exc.status in (400, 422) else 502
         return error(status, f"the model server refused the request: {exc.message}", "model_error" if status == 502 else "invalid_request_error")
 
-    @app.exception_handler(feedback.FeedbackError)
-    async def _fb(_request: Request, exc: feedback.FeedbackError):
-        return error(exc.status, str(exc), "not_found" if exc.status == 404 else "invalid_request_error")
-
-    @app.exception_handler(curation.CurationError)
-    async def _cur(_request: Request, exc: curation.CurationError):
-        return error(exc.status, str(exc), "not_found" if exc.status == 404 else "invalid_request_error")
-
-    @app.exception_handler(identity.Unidentified)
-    async def _unidentified(_request: Request, exc: identity.Unidentified):
-        return error(401, str(exc), "unauthorized")
-
-    @app.exception_handler(identity.ApiKeyError)
-    async def _key(_request: Request, exc: identity.ApiKeyError):
-        return error(exc.status, str(exc), "not_found" if exc.status == 404 else "invalid_request_error")
-
-    @app.exception_handler(adapters.AdapterError)
-    async def _adapter(_request: Request, exc: adapters.AdapterError):
-        return error(400, str(exc))
-
 
 def router(services: Services) -> APIRouter:
     api = APIRouter()
@@ -167,7 +152,7 @@ def router(services: Services) -> APIRouter:
     def require_curator(request: Request) -> None:
         # Curation, retraining, promotion and rollback: the same check as the curation page (serve/auth.py).
         if services.auth.curator(request) is None:
-            raise _Forbidden()
+            raise CuratorRequired()
 
     def who(request: Request) -> str:
         return services.identities.identify(request)
@@ -192,8 +177,8 @@ def router(services: Services) -> APIRouter:
                               "remove the field (log in, or use an API key, to act as someone)")
         fb = await run_in_threadpool(
             feedback.record, services.engine, settings, req.message_id,
-            rating=given.get("rating", feedback.UNSET), correction=given.get("correction", feedback.UNSET),
-            comment=given.get("comment", feedback.UNSET), author=author,
+            rating=given.get("rating", UNSET), correction=given.get("correction", UNSET),
+            comment=given.get("comment", UNSET), author=author,
         )
         return fb.model_dump(mode="json")
 
@@ -247,11 +232,7 @@ def router(services: Services) -> APIRouter:
 
     @curate.post("/retrain", include_in_schema=True)
     async def retrain(force: bool = False):
-        try:
-            run_id = await run_in_threadpool(services.retrain_now, force)
-        except SlotTaken as e:
-            return error(409, f"a cycle is already running: {e}", "conflict")
-        return {"run_id": run_id}
+        return {"run_id": await run_in_threadpool(services.retrain_now, force)}  # 409 while a cycle runs
 
     @curate.get("/runs")
     async def runs(limit: int = 50):
@@ -298,15 +279,14 @@ def router(services: Services) -> APIRouter:
     return api
 
 
-class _Forbidden(Exception):
-    pass
+class CuratorRequired(Refused):
+    """401: a curator endpoint called without a curator's credentials."""
 
+    status = 401
 
-def install_auth_handler(app: FastAPI) -> None:
-    @app.exception_handler(_Forbidden)
-    async def _forbidden(_request: Request, _exc: _Forbidden):
-        return error(401, "this endpoint needs a curator login (HTTP Basic or the /curate/login session, TUNELOOP_CURATORS) "
-                          "or the admin token ('Authorization: Bearer <TUNELOOP_ADMIN_TOKEN>')", "unauthorized")
+    def __init__(self):
+        super().__init__("this endpoint needs a curator login (HTTP Basic or the /curate/login session, TUNELOOP_CURATORS) "
+                         "or the admin token ('Authorization: Bearer <TUNELOOP_ADMIN_TOKEN>')")
 
 
 def _completion(turn: Turn, base_name: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import func, select
 
 from data_store.db import session
+from data_store.errors import Refused
 from data_store.models import Conversation, Message
 from data_store.text import unstorable
 from serve import adapters
@@ -26,8 +27,8 @@ from settings import Settings
 ROLES = ("system", "user", "assistant")
 
 
-class ChatInputError(ValueError):
-    """The request itself is wrong; the API answers 400 with this message."""
+class ChatInputError(Refused):
+    """400: the request itself is wrong."""
 
 
 @dataclass

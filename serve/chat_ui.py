@@ -10,9 +10,10 @@ from typing import Any
 
 import gradio as gr
 
+from data_store.errors import Refused
 from data_store.models import ANONYMOUS
 from feedback import record as feedback
-from serve.chat import ChatInputError, Turn
+from serve.chat import Turn
 from serve.client import VLLMError, VLLMUnavailable
 from serve.services import Services
 
@@ -77,8 +78,8 @@ def build(services: Services) -> gr.Blocks:
                     for choice in item.get("choices") or []:
                         answering[-1]["content"] += (choice.get("delta") or {}).get("content") or ""
                     yield gr.skip(), answering, state, gr.skip(), ""
-        except (ChatInputError, VLLMUnavailable, VLLMError) as e:
-            why = str(e) if isinstance(e, ChatInputError) else f"The model server could not answer ({e})."
+        except (Refused, VLLMUnavailable, VLLMError) as e:
+            why = str(e) if isinstance(e, Refused) else f"The model server could not answer ({e})."
             # Nothing was stored: the turn leaves the chat too (its text goes back in the box), so the
             # shown messages and their stored ids stay in step.
             yield text, history, state, gr.skip(), f"Not sent: {why} Nothing was stored; edit and send again."
@@ -95,7 +96,7 @@ def build(services: Services) -> gr.Blocks:
         rating = {True: "up", False: "down"}.get(data.liked) if isinstance(data.liked, bool) else None
         try:
             feedback.record(engine, settings, mid, rating=rating, author=_author(request))
-        except feedback.FeedbackError as e:
+        except Refused as e:
             return f"Rating not saved: {e}"
         return f"Thanks: rated {'👍' if rating == 'up' else '👎' if rating == 'down' else 'nothing'} (message {mid})."
 
@@ -108,7 +109,7 @@ def build(services: Services) -> gr.Blocks:
             return history, "Only the model's answers can be corrected."
         try:
             feedback.record(engine, settings, mid, correction=text_of(data.value), author=_author(request))
-        except feedback.FeedbackError as e:
+        except Refused as e:
             history[i]["content"] = text_of(data.previous_value)
             return history, f"Correction not saved: {e}"
         return history, f"Correction saved for message {mid}; the original answer is kept too."
@@ -119,7 +120,7 @@ def build(services: Services) -> gr.Blocks:
             return text, "There is no answer to comment on yet."
         try:
             feedback.record(engine, settings, answers[-1], comment=text or None, author=_author(request))
-        except feedback.FeedbackError as e:
+        except Refused as e:
             return text, f"Comment not saved: {e}"
         return "", f"Comment saved for message {answers[-1]}."
 

@@ -23,6 +23,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import select
 
 from data_store.db import session
+from data_store.errors import Refused
 from data_store.models import ANONYMOUS, ApiKey, now
 from serve.auth import ADMIN_USER, CuratorAuth, _same, basic, credentials, match
 from settings import Settings
@@ -35,14 +36,14 @@ ANON_SESSION_S = 365 * 24 * 3600
 KEY_PREFIX = "tl_"
 
 
-class Unidentified(Exception):
+class Unidentified(Refused):
     """401: the request carries no identity the server can vouch for, or wrong credentials."""
 
+    status = 401
 
-class ApiKeyError(Exception):
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
+
+class ApiKeyError(Refused):
+    """400 (404 for an unknown key): a key or identity name that cannot be used."""
 
 
 def _hash(key: str) -> str:

@@ -12,9 +12,11 @@ import os
 import shutil
 from pathlib import Path
 
+from data_store.errors import Refused
 
-class ExportError(ValueError):
-    pass
+
+class ExportError(Refused):
+    """400: the export cannot be written as asked."""
 
 
 def merge(base_model: str, adapter_dir: str | None, out_dir: Path) -> Path:

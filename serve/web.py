@@ -59,7 +59,6 @@ def _login_routes(app: FastAPI, prefix: str, page: dict, login: Callable[[str, s
 def build_app(services: Services) -> FastAPI:
     app = FastAPI(title="tuneloop", docs_url="/api/docs", openapi_url="/api/openapi.json")
     api.install_error_handlers(app)
-    api.install_auth_handler(app)
     app.include_router(api.router(services))
     curators = services.auth
 

@@ -2,11 +2,14 @@
 protects the curation page, its Gradio routes and every curator API alike, and a login made once
 works for all of them. The CLI's local token works wherever they do."""
 
+import httpx
 import pytest
+from conftest import free_port
 from fastapi.testclient import TestClient
 from test_curation import corrected
 
 from serve import auth
+from serve.app_client import AppClient, AppError, NotRunning
 from serve.chat import ChatService
 from serve.client import VLLMClient
 from serve.services import Services
@@ -94,3 +97,24 @@ def test_nothing_configured_leaves_curation_open_and_curate_without_slash_works(
         r = c.get("/curate", follow_redirects=False)
         assert r.status_code == 307 and r.headers["location"] == "/curate/"
         assert c.get("/curate").status_code == 200 and c.get("/api/curation/queue").status_code == 200
+
+
+def test_the_cli_client_brings_the_apps_refusals_and_a_stopped_app_back_as_one_error(settings, engine):
+    settings.curators = "cur:pw"  # curation needs a login; the CLI uses the local token the app writes
+    with app_for(settings, engine) as c:
+        def to_app(req: httpx.Request) -> httpx.Response:  # the app in-process, sent each request whole
+            r = c.request(req.method, req.url.raw_path.decode(), headers=dict(req.headers), content=req.read())
+            return httpx.Response(r.status_code, headers={"content-type": r.headers.get("content-type", "")}, content=r.content)
+
+        cli = AppClient(settings, transport=httpx.MockTransport(to_app))
+        with pytest.raises(AppError, match="nothing to roll back"):  # past the curator check: the token was sent
+            cli.post("/api/adapters/rollback")
+        with pytest.raises(AppError, match="run 404 does not exist"):
+            cli.get("/api/curation/runs/404")
+        assert cli.get("/api/curation/runs") == []
+        elsewhere = settings.model_copy(update={"data_dir": settings.data_dir / "elsewhere"})  # no token there
+        with pytest.raises(AppError, match="needs a curator login"):  # the app's own refusal, as it words it
+            AppClient(elsewhere, transport=httpx.MockTransport(to_app)).post("/api/adapters/rollback")
+    stopped = settings.model_copy(update={"port": free_port()})  # nothing listens
+    with pytest.raises(NotRunning, match=f"not running at http://127.0.0.1:{stopped.port}"):
+        AppClient(stopped).get("/api/health")

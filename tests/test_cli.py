@@ -44,6 +44,11 @@ def test_bad_adapter_gives_clear_error(env):
     assert r.exit_code == 1 and "no adapter named 'v0404'" in r.output
 
 
+def test_retrain_now_without_the_service_says_to_start_it(env):
+    r = run("retrain", "--now")
+    assert r.exit_code == 1 and "the service is not running at" in r.output and "make run" in r.output
+
+
 def test_bad_setting_stops_with_its_name(env, monkeypatch):
     monkeypatch.setenv("TUNELOOP_MAX_LORA_RANK", "lots")
     r = run("adapters", "list")

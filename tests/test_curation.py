@@ -9,6 +9,7 @@ from data_store.db import session
 from data_store.models import Example, Feedback
 from feedback import curation
 from feedback import record as feedback
+from feedback.fields import FeedbackError
 from retrain import examples, export
 from serve.chat import ChatService
 from serve.client import VLLMClient
@@ -59,7 +60,7 @@ def test_reject_and_change_withdraw_the_example(engine, settings):
 def test_comment_only_feedback_cannot_be_approved(engine, settings):
     mid = add_turn(engine)
     fb = feedback.record(engine, settings, mid, comment="hmm", author="alice")
-    with pytest.raises(curation.CurationError, match="nothing to learn"):
+    with pytest.raises(FeedbackError, match="nothing to learn"):
         curation.approve(engine, settings, fb.id)
 
 
@@ -70,7 +71,7 @@ def test_filters(engine, settings):
     assert [i.feedback_id for i in curation.queue(engine, curation.Filters(rating="down"))] == [a.id]
     assert len(curation.queue(engine, curation.Filters(adapter="base"))) == 2
     assert curation.queue(engine, curation.Filters(adapter="v0009")) == []
-    with pytest.raises(curation.CurationError):
+    with pytest.raises(FeedbackError):
         curation.queue(engine, curation.Filters(status="bogus"))
 
 
@@ -148,5 +149,5 @@ def test_opening_one_item_reads_that_item(engine, settings):
     fb = corrected(engine, settings)
     it = curation.item(engine, fb.id)
     assert (it.feedback_id, it.answer, it.context[-1]["content"]) == (fb.id, "Lyon is the capital.", "What is the capital of France?")
-    with pytest.raises(curation.CurationError, match="does not exist"):
+    with pytest.raises(FeedbackError, match="does not exist"):
         curation.item(engine, 999)

@@ -7,6 +7,7 @@ from sqlmodel import func, select
 from data_store.db import migrate, session
 from data_store.models import Conversation, Feedback, Message
 from feedback import record as feedback
+from feedback.fields import FeedbackError
 
 
 def add_turn(engine, answer="The capital of France is Paris.", author="alice") -> int:
@@ -99,15 +100,15 @@ def test_concurrent_first_clicks_make_one_record(engine, settings):
 def test_bad_feedback_is_rejected_and_nothing_stored(engine, settings, kw, message):
     mid = add_turn(engine)
     settings.max_input_chars = 10
-    with pytest.raises(feedback.FeedbackError, match=message):
+    with pytest.raises(FeedbackError, match=message):
         feedback.record(engine, settings, mid, author="alice", **kw)
     assert count(engine, Feedback) == 0
 
 
 def test_feedback_on_unknown_or_user_message(engine, settings):
     mid = add_turn(engine)
-    with pytest.raises(feedback.FeedbackError) as e:
+    with pytest.raises(FeedbackError) as e:
         feedback.record(engine, settings, 999, author="alice", rating="up")
     assert e.value.status == 403
-    with pytest.raises(feedback.FeedbackError, match="user message"):
+    with pytest.raises(FeedbackError, match="user message"):
         feedback.record(engine, settings, mid - 1, author="alice", rating="up")
