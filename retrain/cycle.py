@@ -179,8 +179,8 @@ def _cycle(settings, engine, client, base_model, base_served, run_id, promote, f
     if not train_rows:
         return _skip(engine, run_id, "the train split has no example with a good answer", on_event)
     (workdir / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in train_rows))
-    if settings.train_preference_stage != "none":
-        pref = export.rows_for(built.splits["train"], settings.train_preference_stage)
+    if settings.train.preference_stage != "none":
+        pref = export.rows_for(built.splits["train"], settings.train.preference_stage)
         (workdir / "preference.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pref))
     val_rows = to_prompt_completion(built.splits["val"])
     (workdir / "val.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in val_rows))
@@ -272,14 +272,9 @@ def _train(settings: Settings, base_model: str, workdir: Path, has_val: bool, en
            on_event: Event, log_lines: list[str]) -> list[dict]:
     """Run retrain.train in a child process: a crash or OOM there leaves the service untouched."""
     spec = TrainSpec(base_model=base_model, train_file=str(workdir / "train.jsonl"),
-                     preference=settings.train_preference_stage,
-                     preference_file=str(workdir / "preference.jsonl") if settings.train_preference_stage != "none" else None,
                      val_file=str(workdir / "val.jsonl") if has_val else None, out_dir=str(workdir / "out"),
-                     method=settings.train_method, lora_r=settings.train_lora_r, lora_alpha=settings.train_lora_alpha,
-                     lora_dropout=settings.train_lora_dropout, target_modules=settings.target_modules,
-                     learning_rate=settings.train_learning_rate, epochs=settings.train_epochs, batch_size=settings.train_batch_size,
-                     max_length=settings.train_max_length, seed=settings.train_seed, evals_per_epoch=settings.train_evals_per_epoch,
-                     early_stopping_patience=settings.train_early_stopping_patience)
+                     preference_file=str(workdir / "preference.jsonl") if settings.train.preference_stage != "none" else None,
+                     config=settings.train)
     spec.dump(workdir / "spec.json")
     history: list[dict] = []
     proc = subprocess.Popen([sys.executable, "-m", "retrain.train", str(workdir / "spec.json")], cwd=str(Path(__file__).resolve().parents[1]),
