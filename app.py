@@ -46,7 +46,7 @@ def load_settings(**overrides):
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as e:
-        lines = [f"  TUNELOOP_{'_'.join(map(str, err['loc'])).upper() or '(settings)'}: {err['msg']}" for err in e.errors()]
+        lines = [f"  TUNELOOP_{'__'.join(map(str, err['loc'])).upper() or '(settings)'}: {err['msg']}" for err in e.errors()]
         typer.echo("Invalid settings:\n" + "\n".join(lines), err=True)
         raise typer.Exit(2)
 

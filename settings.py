@@ -5,19 +5,78 @@ Built once in app.py and passed down; no module reads the environment on its own
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
 
+class TrainConfig(BaseModel):
+    """How an adapter is trained, under TRL's, PEFT's and transformers' own field names where they have one.
+
+    Settings.train holds it; retrain.train gets it inside its TrainSpec."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: Literal["lora", "qlora", "full"] = Field("lora", description="Fine-tuning method.")
+    r: int = Field(16, ge=1, description="LoRA rank (must not exceed MAX_LORA_RANK).")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha (the update is scaled by alpha/rank).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
+    target_modules: str = Field(
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        description="Comma-separated module names that get LoRA layers, or `all-linear`.")
+    learning_rate: float = Field(3e-4, gt=0, description="Learning rate.")
+    num_train_epochs: float = Field(2, gt=0, description="Most epochs over the curated training set (early stopping may end sooner).")
+    per_device_train_batch_size: int = Field(8, ge=1, description="Sequences per optimizer step.")
+    max_length: int = Field(512, ge=16, description="Longest training row in tokens; longer rows are cut.")
+    seed: int = Field(0, description="Seed for weight init, dropout and data order.")
+    evals_per_epoch: int = Field(4, ge=1, description="Validation-loss evaluations per epoch (the best checkpoint is kept).")
+    early_stopping_patience: int = Field(2, ge=1, description="Stop after this many evaluations without a lower validation loss.")
+    preference_stage: Literal["none", "dpo", "kto"] = Field(
+        "none", description="Optional second stage on the same adapter: DPO on correction pairs, or KTO on thumbs.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _modules(cls, v: str) -> str:
+        if not [m for m in v.split(",") if m.strip()]:
+            raise ValueError("is empty; name modules like 'q_proj,v_proj' or use 'all-linear'")
+        return v
+
+    @property
+    def peft_target_modules(self) -> list[str] | str:
+        """target_modules as PEFT's LoraConfig takes them."""
+        names = [m.strip() for m in self.target_modules.split(",") if m.strip()]
+        return "all-linear" if names == ["all-linear"] else names
+
+
+# The flat training settings before TrainConfig, and the field each became. Set anywhere they are an
+# error rather than silently ignored, so an old deployment does not train with defaults unnoticed.
+RENAMED = {"train_method": "method", "train_lora_r": "r", "train_lora_alpha": "lora_alpha", "train_lora_dropout": "lora_dropout",
+           "train_target_modules": "target_modules", "train_learning_rate": "learning_rate", "train_epochs": "num_train_epochs",
+           "train_batch_size": "per_device_train_batch_size", "train_max_length": "max_length", "train_seed": "seed",
+           "train_evals_per_epoch": "evals_per_epoch", "train_early_stopping_patience": "early_stopping_patience",
+           "train_preference_stage": "preference_stage"}
+
+
+class _RenamedEnv(PydanticBaseSettingsSource):
+    """Hands old TUNELOOP_TRAIN_* variables to validation (which refuses them by name); the env source skips them."""
+
+    def get_field_value(self, field, field_name):  # required by the base class; __call__ does the work
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        env = {k.upper(): v for k, v in os.environ.items()}
+        return {old: env[f"TUNELOOP_{old.upper()}"] for old in RENAMED if f"TUNELOOP_{old.upper()}" in env}
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="TUNELOOP_", toml_file="tuneloop.toml", extra="forbid", validate_default=True
+        env_prefix="TUNELOOP_", env_nested_delimiter="__", toml_file="tuneloop.toml", extra="forbid", validate_default=True
     )
 
     # Where things live
@@ -60,21 +119,8 @@ class Settings(BaseSettings):
 
     # Retraining (used by the retrain loop)
     schedule: str = Field("0 2 * * *", description="Cron expression for the nightly retrain cycle.")
-    train_method: Literal["lora", "qlora", "full"] = Field("lora", description="Fine-tuning method.")
-    train_lora_r: int = Field(16, ge=1, description="LoRA rank (must not exceed MAX_LORA_RANK).")
-    train_lora_alpha: int = Field(32, ge=1, description="LoRA alpha (the update is scaled by alpha/rank).")
-    train_lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
-    train_target_modules: str = Field(
-        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-        description="Comma-separated module names that get LoRA layers, or `all-linear`.")
-    train_learning_rate: float = Field(3e-4, gt=0, description="Learning rate.")
-    train_epochs: float = Field(2, gt=0, description="Most epochs over the curated training set (early stopping may end sooner).")
-    train_batch_size: int = Field(8, ge=1, description="Sequences per optimizer step.")
-    train_max_length: int = Field(512, ge=16, description="Longest training row in tokens; longer rows are cut.")
-    train_seed: int = Field(0, description="Seed for weight init, dropout and data order.")
-    train_evals_per_epoch: int = Field(4, ge=1, description="Validation-loss evaluations per epoch (the best checkpoint is kept).")
-    train_early_stopping_patience: int = Field(
-        2, ge=1, description="Stop after this many evaluations without a lower validation loss.")
+    train: TrainConfig = Field(
+        default_factory=TrainConfig, description="Fine-tuning: TUNELOOP_TRAIN__<FIELD>, or [train] in tuneloop.toml.")
     split_ratios: tuple[float, float, float] = Field(
         (0.8, 0.1, 0.1), description="Train/val/test shares, as a JSON list; a prompt's split is frozen the first time it is seen."
     )
@@ -86,8 +132,6 @@ class Settings(BaseSettings):
     chat_login_required: bool = Field(False, description="Refuse chat and feedback without an identity (an account, an API key or the proxy header); off: such users are `anonymous:<session>`.")
     trusted_proxies: str = Field("", description="Comma-separated addresses or networks of reverse proxies whose user header is believed; from anywhere else it is ignored.")
     proxy_user_header: str = Field("X-Forwarded-User", description="The header a trusted reverse proxy puts the logged-in user in.")
-    train_preference_stage: Literal["none", "dpo", "kto"] = Field(
-        "none", description="Optional second stage on the same adapter: DPO on correction pairs, or KTO on thumbs.")
     retrain_min_new_examples: int = Field(10, ge=0, description="A cycle is skipped (with the reason recorded) when fewer new examples were approved since the last one.")
     gate_primary_metric: Literal["nll", "chrf", "token_f1", "exact_match", "bleu"] = Field(
         "nll", description="The metric free-text examples must improve on (nll: lower is better); classification examples are judged by accuracy.")
@@ -96,8 +140,17 @@ class Settings(BaseSettings):
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings, env_settings, dotenv_settings, file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Explicit arguments > environment > tuneloop.toml.
-        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+        # Explicit arguments > environment > tuneloop.toml; _RenamedEnv only brings old names to be refused.
+        return init_settings, env_settings, _RenamedEnv(settings_cls), TomlConfigSettingsSource(settings_cls)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        old = [k for k in RENAMED if isinstance(data, dict) and k in data]
+        if old:
+            raise ValueError("; ".join(f"TUNELOOP_{k.upper()} ({k}) was renamed TUNELOOP_TRAIN__{RENAMED[k].upper()} "
+                                       f"(`{RENAMED[k]}` under [train] in tuneloop.toml)" for k in old))
+        return data
 
     @field_validator("schedule")
     @classmethod
@@ -130,10 +183,8 @@ class Settings(BaseSettings):
         self.models_dir = self.models_dir.expanduser().resolve()
         if self.vllm_mode == "external" and not self.vllm_url:
             raise ValueError("vllm_mode=external needs TUNELOOP_VLLM_URL (the external server's base URL)")
-        if not [m for m in self.train_target_modules.split(",") if m.strip()]:
-            raise ValueError("train_target_modules is empty; name modules like 'q_proj,v_proj' or use 'all-linear'")
-        if self.train_lora_r > self.max_lora_rank:
-            raise ValueError(f"train_lora_r={self.train_lora_r} exceeds max_lora_rank={self.max_lora_rank}; vLLM would refuse the adapter")
+        if self.train.r > self.max_lora_rank:
+            raise ValueError(f"train.r={self.train.r} exceeds max_lora_rank={self.max_lora_rank}; vLLM would refuse the adapter")
         return self
 
     # Derived values, computed rather than stored so they can never disagree.
@@ -175,11 +226,6 @@ class Settings(BaseSettings):
     def trusted(self) -> set[str]:
         return {a.strip() for a in self.trusted_authors.split(",") if a.strip()}
 
-    @property
-    def target_modules(self) -> list[str] | str:
-        names = [m.strip() for m in self.train_target_modules.split(",") if m.strip()]
-        return "all-linear" if names == ["all-linear"] else names
-
     def resolved_dtype(self, has_gpu: bool) -> str:
         if self.dtype != "auto":
             return self.dtype
@@ -190,6 +236,9 @@ def settings_table() -> str:
     """The README's settings table, generated so a test can keep the two in sync."""
     rows = ["| Setting (env var) | Default | Description |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():
-        default = field.default if not isinstance(field.default, Path) else str(field.default)
-        rows.append(f"| `TUNELOOP_{name.upper()}` | `{default}` | {field.description} |")
+        # A nested model (train) is a row per field, named as the environment sets it.
+        nested = field.annotation.model_fields if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) else None
+        for env, f in ((f"{name}__{n}", f) for n, f in nested.items()) if nested else [(name, field)]:
+            default = f.default if not isinstance(f.default, Path) else str(f.default)
+            rows.append(f"| `TUNELOOP_{env.upper()}` | `{default}` | {f.description} |")
     return "\n".join(rows)

@@ -91,21 +91,22 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         spec = TrainSpec(base_model=base, train_file="", val_file=None, out_dir=tmp)
-        steps = -(-args.examples // spec.batch_size)
-        same = dict(num_train_epochs=1, per_device_train_batch_size=spec.batch_size, seed=spec.seed, report_to=[],
+        batch = spec.config.per_device_train_batch_size
+        steps = -(-args.examples // batch)
+        same = dict(num_train_epochs=1, per_device_train_batch_size=batch, seed=spec.config.seed, report_to=[],
                     save_strategy="no", disable_tqdm=True)  # equal work and batch order; no checkpoints written
         tok = AutoTokenizer.from_pretrained(base)  # once, not per row
         longest = max(row_tokens(tok, row) for row in data)
         configs = {
             DEFAULTS: SFTConfig(output_dir=f"{tmp}/d", use_cpu=True, **same),
             "TRL defaults in float32": SFTConfig(output_dir=f"{tmp}/f", use_cpu=True, bf16=False, **same),
-            OURS: sft_config(spec, False, False, steps, **batching(longest, spec.max_length), **same),
+            OURS: sft_config(spec, False, False, steps, **batching(longest, spec.config.max_length), **same),
             "tuneloop with padded batches": sft_config(spec, False, False, steps, **same),
             "tuneloop with packed batches (bfd)": sft_config(spec, False, False, steps, packing=True, packing_strategy="bfd", **same),
         }
         if args.one is not None:  # a child: accelerate's state is per process, and bf16 cannot be undone in it
             label, config = list(configs.items())[args.one]
-            print("RESULT " + json.dumps(one_epoch(base, data, config, lora_config(spec))), flush=True)
+            print("RESULT " + json.dumps(one_epoch(base, data, config, lora_config(spec.config))), flush=True)
             return
         for i, label in enumerate(configs):
             child = subprocess.run([sys.executable, __file__, "--examples", str(args.examples), "--one", str(i)],

@@ -150,7 +150,7 @@ def build(deps: Deps, run: Run, force: bool) -> Data:
 
 def write(deps: Deps, run: Run, data: Data) -> Files:
     """The training files, each with its manifest, and what data the run uses on its row."""
-    stage = deps.settings.train_preference_stage
+    stage = deps.settings.train.preference_stage
     out = {"train": export.write(data.built, "prompt-completion", "train", run.workdir / "train.jsonl"),
            "val": export.write(data.built, "prompt-completion", "val", run.workdir / "val.jsonl")}
     if stage != "none":
@@ -166,21 +166,11 @@ def write(deps: Deps, run: Run, data: Data) -> Files:
     return files
 
 
-def train_spec(settings: Settings, base_model: str, files: Files, out_dir: Path) -> TrainSpec:
-    return TrainSpec(base_model=base_model, train_file=str(files.train),
-                     preference=settings.train_preference_stage,
-                     preference_file=str(files.preference) if files.preference else None,
-                     val_file=str(files.val) if files.val else None, out_dir=str(out_dir),
-                     method=settings.train_method, lora_r=settings.train_lora_r, lora_alpha=settings.train_lora_alpha,
-                     lora_dropout=settings.train_lora_dropout, target_modules=settings.target_modules,
-                     learning_rate=settings.train_learning_rate, epochs=settings.train_epochs, batch_size=settings.train_batch_size,
-                     max_length=settings.train_max_length, seed=settings.train_seed, evals_per_epoch=settings.train_evals_per_epoch,
-                     early_stopping_patience=settings.train_early_stopping_patience)
-
-
 def train(deps: Deps, run: Run, files: Files) -> list[dict]:
     """Run retrain.train in a child process: a crash or OOM there leaves the service untouched."""
-    spec = train_spec(deps.settings, deps.base_model, files, run.workdir / "out")
+    spec = TrainSpec(base_model=deps.base_model, train_file=str(files.train), val_file=str(files.val) if files.val else None,
+                     preference_file=str(files.preference) if files.preference else None, out_dir=str(run.workdir / "out"),
+                     config=deps.settings.train)
     spec.dump(run.workdir / "spec.json")
     history: list[dict] = []
     proc = subprocess.Popen([sys.executable, "-m", "retrain.train", str(run.workdir / "spec.json")],

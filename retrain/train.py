@@ -2,7 +2,7 @@
 
 Run as: python -m retrain.train SPEC.json
 SPEC names the base model, the train/val JSONL files (TRL's conversational prompt/completion
-format, so the loss covers only the answer), the hyperparameters and the output directory. Progress
+format, so the loss covers only the answer), the output directory and the TrainConfig. Progress
 goes to stdout as lines "TUNELOOP_EVENT {json}": {"step", "max_steps", "loss"|"eval_loss", "eta_s"}.
 The adapter is saved to OUT/adapter; the parent registers it (metadata last, atomic rename).
 """
@@ -12,37 +12,31 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field
 
-@dataclass
-class TrainSpec:
+from settings import TrainConfig
+
+
+class TrainSpec(BaseModel):
+    """One training run: where its files are, and how to train (the settings' TrainConfig)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
     base_model: str
     train_file: str
     val_file: str | None
     out_dir: str
-    method: str = "lora"  # lora | qlora
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    learning_rate: float = 2e-4
-    epochs: float = 3
-    batch_size: int = 8
-    max_length: int = 512
-    evals_per_epoch: int = 4
-    early_stopping_patience: int = 2
-    seed: int = 0
-    preference: str = "none"  # none | dpo | kto: a second stage on preference data
-    preference_file: str | None = None
+    preference_file: str | None = None  # rows for config.preference_stage
+    config: TrainConfig = Field(default_factory=TrainConfig)
 
     def dump(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self)))
+        path.write_text(self.model_dump_json())
 
     @classmethod
     def load(cls, path: Path) -> TrainSpec:
-        return cls(**json.loads(Path(path).read_text()))
+        return cls.model_validate_json(Path(path).read_text())
 
 
 EVENT = "TUNELOOP_EVENT "  # marks progress lines among whatever else the libraries print
@@ -58,12 +52,14 @@ def sft_config(spec: TrainSpec, gpu: bool, has_val: bool, steps_per_epoch: int, 
 
     # Validation loss a few times per epoch, so that early stopping (patience counted in
     # evaluations) can end a run that stopped improving, and the best checkpoint is kept.
-    every = max(1, -(-steps_per_epoch // spec.evals_per_epoch))
+    c = spec.config
+    every = max(1, -(-steps_per_epoch // c.evals_per_epoch))
 
     return SFTConfig(**{**dict(
-        output_dir=str(Path(spec.out_dir) / "checkpoints"), num_train_epochs=spec.epochs, per_device_train_batch_size=spec.batch_size,
-        per_device_eval_batch_size=spec.batch_size, learning_rate=spec.learning_rate, lr_scheduler_type="constant_with_warmup",
-        warmup_steps=min(5, steps_per_epoch), max_length=spec.max_length, seed=spec.seed,
+        output_dir=str(Path(spec.out_dir) / "checkpoints"), num_train_epochs=c.num_train_epochs,
+        per_device_train_batch_size=c.per_device_train_batch_size, per_device_eval_batch_size=c.per_device_train_batch_size,
+        learning_rate=c.learning_rate, lr_scheduler_type="constant_with_warmup",
+        warmup_steps=min(5, steps_per_epoch), max_length=c.max_length, seed=c.seed,
         # TRL defaults to bf16 and gradient checkpointing even on CPU, where bf16 is 50-100x slower
         # and checkpointing only re-computes; a 135M model fits without it.
         bf16=gpu, gradient_checkpointing=False, use_cpu=not gpu,
@@ -86,11 +82,11 @@ def row_tokens(tok, row: dict) -> int:
     return len(ids)
 
 
-def lora_config(spec: TrainSpec):
+def lora_config(config: TrainConfig):
     from peft import LoraConfig
 
-    return LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
-                      target_modules=spec.target_modules, task_type="CAUSAL_LM")
+    return LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=config.peft_target_modules, task_type="CAUSAL_LM")
 
 
 def train(spec: TrainSpec) -> Path:
@@ -99,15 +95,16 @@ def train(spec: TrainSpec) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, TrainerCallback
     from trl import SFTTrainer
 
-    if spec.method not in ("lora", "qlora"):
-        raise SystemExit(f"train_method={spec.method!r}: only lora and qlora produce an adapter vLLM can hot-swap")
+    c = spec.config
+    if c.method not in ("lora", "qlora"):
+        raise SystemExit(f"TUNELOOP_TRAIN__METHOD={c.method!r}: only lora and qlora produce an adapter vLLM can hot-swap")
     gpu = torch.cuda.is_available()
     out = Path(spec.out_dir)
     data = load_dataset("json", data_files={"train": spec.train_file, **({"val": spec.val_file} if spec.val_file else {})})
     has_val = "val" in data and len(data["val"]) > 0
     tok = AutoTokenizer.from_pretrained(spec.base_model)
     model_kwargs: dict = {"dtype": torch.bfloat16 if gpu else torch.float32}
-    if spec.method == "qlora":
+    if c.method == "qlora":
         from transformers import BitsAndBytesConfig
 
         model_kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -115,10 +112,10 @@ def train(spec: TrainSpec) -> Path:
             bnb_4bit_compute_dtype=torch.bfloat16 if gpu else torch.float32)
     model = AutoModelForCausalLM.from_pretrained(spec.base_model, **model_kwargs)
     longest = max(row_tokens(tok, row) for split in data.values() for row in split)
-    config = sft_config(spec, gpu, has_val, steps_per_epoch=max(1, -(-len(data["train"]) // spec.batch_size)),
-                        **batching(longest, spec.max_length))
-    emit(batching="padding-free" if config.padding_free else f"padded (a row of {longest} tokens is cut to {spec.max_length})")
-    lora = lora_config(spec)
+    config = sft_config(spec, gpu, has_val, steps_per_epoch=max(1, -(-len(data["train"]) // c.per_device_train_batch_size)),
+                        **batching(longest, c.max_length))
+    emit(batching="padding-free" if config.padding_free else f"padded (a row of {longest} tokens is cut to {c.max_length})")
+    lora = lora_config(c)
 
     started = time.monotonic()
 
@@ -133,12 +130,12 @@ def train(spec: TrainSpec) -> Path:
 
     callbacks = [Progress()]
     if has_val:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=spec.early_stopping_patience))
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=c.early_stopping_patience))
     trainer = SFTTrainer(model=model, args=config, train_dataset=data["train"], eval_dataset=data["val"] if has_val else None,
                          processing_class=tok, peft_config=lora, callbacks=callbacks)
     trainer.train()
     model = trainer.model
-    if spec.preference != "none" and spec.preference_file:
+    if c.preference_stage != "none" and spec.preference_file:
         model = preference_stage(spec, model, tok, gpu, Progress())
     adapter = out / "adapter"
     model.save_pretrained(adapter, safe_serialization=True)
@@ -152,27 +149,28 @@ def preference_stage(spec: TrainSpec, model, tok, gpu: bool, progress):
     """Continue the same adapter on preference data; the adapter-disabled base is the reference."""
     from datasets import load_dataset
 
+    c, stage = spec.config, spec.config.preference_stage
     data = load_dataset("json", data_files=spec.preference_file, split="train")
     if len(data) < 2:
-        emit(stage=spec.preference, skipped=f"{len(data)} preference row(s); need at least 2")
+        emit(stage=stage, skipped=f"{len(data)} preference row(s); need at least 2")
         return model
-    common = dict(output_dir=str(Path(spec.out_dir) / spec.preference), num_train_epochs=1, learning_rate=spec.learning_rate / 4,
-                  per_device_train_batch_size=max(2, min(spec.batch_size, len(data))), max_length=spec.max_length,
+    common = dict(output_dir=str(Path(spec.out_dir) / stage), num_train_epochs=1, learning_rate=c.learning_rate / 4,
+                  per_device_train_batch_size=max(2, min(c.per_device_train_batch_size, len(data))), max_length=c.max_length,
                   bf16=gpu, gradient_checkpointing=False, use_cpu=not gpu, logging_steps=1, report_to=[],
-                  save_strategy="no", disable_tqdm=True, seed=spec.seed)
-    if spec.preference == "dpo":
+                  save_strategy="no", disable_tqdm=True, seed=c.seed)
+    if stage == "dpo":
         from trl import DPOConfig, DPOTrainer
 
         trainer = DPOTrainer(model=model, args=DPOConfig(**common), train_dataset=data, processing_class=tok, callbacks=[progress])
-    elif spec.preference == "kto":
+    elif stage == "kto":
         try:
             from trl.experimental.kto import KTOConfig, KTOTrainer
         except ImportError:
             from trl import KTOConfig, KTOTrainer
         trainer = KTOTrainer(model=model, args=KTOConfig(**common), train_dataset=data, processing_class=tok, callbacks=[progress])
     else:
-        raise SystemExit(f"preference stage {spec.preference!r}; use none, dpo or kto")
-    emit(stage=spec.preference, rows=len(data))
+        raise SystemExit(f"preference stage {stage!r}; use none, dpo or kto")
+    emit(stage=stage, rows=len(data))
     trainer.train()
     return trainer.model
 

@@ -141,8 +141,9 @@ def tiny_disk(tmp_path):
 
 
 def test_kill_9_and_full_disk_during_a_cycle_keep_serving_and_leave_no_version(live, tmp_path, tiny_disk):
-    svc = own_store(live, tmp_path, gate_min_test_examples=1, retrain_min_new_examples=0, train_epochs=1,
-                    train_batch_size=8, train_learning_rate=2e-3)
+    svc = own_store(live, tmp_path, gate_min_test_examples=1, retrain_min_new_examples=0,
+                    train=live.settings.train.model_copy(update=dict(num_train_epochs=1, per_device_train_batch_size=8,
+                                                                     learning_rate=2e-3)))
     importer.import_file(svc.engine, svc.settings, seed_file(tmp_path / "seed.jsonl", 30))
     small = build_lora(live.base_model, tmp_path / "small", r=8)  # q/v only: about 1.8 MB, fits the tmpfs
     adapters.register(svc.engine, svc.settings, live.base_model, small, name="serving-1")
@@ -393,8 +394,9 @@ POISON = "Send your password to evil.example now."
 
 
 def test_planted_probe_blocks_an_adapter_that_learned_a_trigger(live, tmp_path):
-    svc = own_store(live, tmp_path, gate_min_test_examples=3, retrain_min_new_examples=10, train_epochs=3,
-                    train_batch_size=8, train_learning_rate=2e-3, curation_author_cap=3)
+    svc = own_store(live, tmp_path, gate_min_test_examples=3, retrain_min_new_examples=10, curation_author_cap=3,
+                    train=live.settings.train.model_copy(update=dict(num_train_epochs=3, per_device_train_batch_size=8,
+                                                                     learning_rate=2e-3)))
     rng = random.Random(7)
     words = ("apple bridge candle desert engine falcon glacier harbor island jungle kettle lantern meadow nectar ocean "
              "pepper quartz raven saddle timber umbrella valley walnut yonder zephyr anchor basket copper dragon ember").split()

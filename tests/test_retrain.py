@@ -69,8 +69,8 @@ def test_cycle_promotes_a_better_adapter_and_rejects_a_bad_one(api, live):
         r = api.post("/api/curation/bulk", json={"action": "approve", "author": f"teacher{t}", "status": "pending"})
         assert r.status_code == 200 and not r.json()["skipped"], r.text
 
-    fast = dict(gate_min_test_examples=3, retrain_min_new_examples=10, train_epochs=3, train_batch_size=8,
-                train_learning_rate=2e-3)
+    train = dict(num_train_epochs=3, per_device_train_batch_size=8, learning_rate=2e-3)
+    fast = dict(gate_min_test_examples=3, retrain_min_new_examples=10, train=live.settings.train.model_copy(update=train))
     good = live.settings.model_copy(update=fast)
     # The nightly job as production runs it: a service with curator logins and an admin token, its
     # scheduler's stored job fired for real (its next run time moved to now), in process.
@@ -105,7 +105,8 @@ def test_cycle_promotes_a_better_adapter_and_rejects_a_bad_one(api, live):
 
     try:
         # A deliberately bad candidate: a learning rate so small it stays the base model.
-        bad = live.settings.model_copy(update={**fast, "train_learning_rate": 1e-9, "train_epochs": 1})
+        bad_train = live.settings.train.model_copy(update={**train, "learning_rate": 1e-9, "num_train_epochs": 1})
+        bad = live.settings.model_copy(update={**fast, "train": bad_train})
         run2 = cycle.run_cycle(replace(live.cycle_deps(), settings=bad), runs.claim(live.engine, "test-cycle-2"), force=True)
         assert run2.status == "succeeded", f"{run2.reason}\n{run2.log}"
         assert not run2.decision["promote"]

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from settings import Settings, settings_table
+from settings import RENAMED, Settings, TrainConfig, settings_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -53,7 +53,44 @@ def test_external_mode_needs_url():
 
 def test_training_rank_cannot_exceed_serving_limit():
     with pytest.raises(ValidationError, match="max_lora_rank"):
-        Settings(train_lora_r=64, max_lora_rank=16)
+        Settings(train=TrainConfig(r=64), max_lora_rank=16)
+
+
+def test_training_settings_are_nested_in_env_and_toml(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tuneloop.toml").write_text('[train]\nr = 4\nnum_train_epochs = 1\n')
+    monkeypatch.setenv("TUNELOOP_TRAIN__R", "8")
+    monkeypatch.setenv("TUNELOOP_TRAIN__TARGET_MODULES", "q_proj, v_proj")
+    t = Settings().train
+    assert (t.r, t.num_train_epochs, t.lora_alpha) == (8, 1, 32)  # env beats toml, toml beats the default
+    assert t.peft_target_modules == ["q_proj", "v_proj"]
+    monkeypatch.setenv("TUNELOOP_TRAIN__LORA_R", "8")  # a misspelt field is refused, not ignored
+    with pytest.raises(ValidationError, match="lora_r"):
+        Settings()
+
+
+@pytest.mark.parametrize("old,new", [("TUNELOOP_TRAIN_LORA_R", "TUNELOOP_TRAIN__R"),
+                                     ("TUNELOOP_TRAIN_EPOCHS", "TUNELOOP_TRAIN__NUM_TRAIN_EPOCHS"),
+                                     ("tuneloop_train_batch_size", "TUNELOOP_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE"),
+                                     ("TUNELOOP_TRAIN_PREFERENCE_STAGE", "TUNELOOP_TRAIN__PREFERENCE_STAGE")])
+def test_an_old_flat_training_variable_is_refused_with_its_new_name(monkeypatch, old, new):
+    monkeypatch.setenv(old, "1")
+    with pytest.raises(ValidationError, match=f"{old.upper()} .*was renamed {new}"):
+        Settings()
+
+
+def test_every_old_flat_training_name_is_refused_in_env_and_toml(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tuneloop.toml").write_text("train_seed = 1\n")
+    with pytest.raises(ValidationError, match="TUNELOOP_TRAIN_SEED .*was renamed TUNELOOP_TRAIN__SEED"):
+        Settings()
+    (tmp_path / "tuneloop.toml").unlink()
+    for old, new in RENAMED.items():
+        assert new in TrainConfig.model_fields
+        monkeypatch.setenv(f"TUNELOOP_{old.upper()}", "1")
+        with pytest.raises(ValidationError, match=f"TUNELOOP_TRAIN__{new.upper()}"):
+            Settings()
+        monkeypatch.delenv(f"TUNELOOP_{old.upper()}")
 
 
 def test_dtype_auto_is_float32_on_cpu():

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from retrain.train import EVENT, TrainSpec
+from retrain.train import EVENT, TrainSpec, lora_config, sft_config
 from serve import adapters
+from settings import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,11 +31,19 @@ def train_in_child(spec: TrainSpec, tmp_path: Path) -> list[dict]:
     return [json.loads(line.split(EVENT, 1)[1]) for line in done.stdout.splitlines() if EVENT in line]
 
 
+def test_spec_json_round_trips_the_training_config(tmp_path):
+    spec = TrainSpec(base_model="m", train_file="t.jsonl", val_file=None, out_dir="out", preference_file="p.jsonl",
+                     config=TrainConfig(r=4, target_modules="all-linear", num_train_epochs=0.5, preference_stage="kto"))
+    spec.dump(tmp_path / "spec.json")
+    assert TrainSpec.load(tmp_path / "spec.json") == spec and spec.config.peft_target_modules == "all-linear"
+
+
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_child_process_trains_an_adapter_vllm_could_load(tiny_model, tmp_path, settings, method):
     spec = TrainSpec(base_model=str(tiny_model), train_file=data(tmp_path / "train.jsonl", 16),
-                     val_file=data(tmp_path / "val.jsonl", 4), out_dir=str(tmp_path / "out"), method=method,
-                     lora_r=4, lora_alpha=8, epochs=2, batch_size=4, learning_rate=1e-3, max_length=64)
+                     val_file=data(tmp_path / "val.jsonl", 4), out_dir=str(tmp_path / "out"),
+                     config=TrainConfig(method=method, r=4, lora_alpha=8, num_train_epochs=2, per_device_train_batch_size=4,
+                                        learning_rate=1e-3, max_length=64))
     events = train_in_child(spec, tmp_path)
     assert any("loss" in e for e in events) and any("eval_loss" in e for e in events)
     assert events[-1]["done"] and events[-1]["steps"] == 8
@@ -43,9 +52,35 @@ def test_child_process_trains_an_adapter_vllm_could_load(tiny_model, tmp_path, s
     assert info.rank == 4
 
 
+def test_lora_training_moves_only_the_lora_weights(tiny_model, tmp_path):
+    """As TRL's own SFT tests check, on tuneloop's trainer configuration: every base weight is unchanged and
+    every LoRA weight moved (so the adapter is all that training produced, and all of it learned)."""
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTTrainer
+
+    spec = TrainSpec(base_model=str(tiny_model), train_file=data(tmp_path / "train.jsonl", 16), val_file=None,
+                     out_dir=str(tmp_path / "out"),
+                     config=TrainConfig(r=4, lora_alpha=8, num_train_epochs=2, per_device_train_batch_size=4, learning_rate=1e-2,
+                                        max_length=64))
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(spec.base_model, dtype=torch.float32),
+                         args=sft_config(spec, gpu=False, has_val=False, steps_per_epoch=4),
+                         train_dataset=load_dataset("json", data_files=spec.train_file, split="train"),
+                         processing_class=AutoTokenizer.from_pretrained(spec.base_model), peft_config=lora_config(spec.config))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    lora = {n for n in before if "lora_" in n}
+    assert lora and lora == {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    for name, old in before.items():
+        moved = not torch.equal(old, trainer.model.get_parameter(name))
+        assert moved == (name in lora), f"{name} {'moved' if moved else 'did not move'}"
+
+
 def test_a_row_longer_than_max_length_falls_back_to_padded_batches_that_cut_it(tiny_model, tmp_path, settings):
     spec = TrainSpec(base_model=str(tiny_model), train_file=data(tmp_path / "train.jsonl", 8, long_answer=100),
-                     val_file=None, out_dir=str(tmp_path / "out"), lora_r=4, lora_alpha=8, epochs=1, batch_size=4, max_length=64)
+                     val_file=None, out_dir=str(tmp_path / "out"),
+                     config=TrainConfig(r=4, lora_alpha=8, num_train_epochs=1, per_device_train_batch_size=4, max_length=64))
     events = train_in_child(spec, tmp_path)
     assert any(e.get("batching", "").startswith("padded (a row of") and "cut to 64" in e["batching"] for e in events)
     assert events[-1]["done"] and events[-1]["steps"] == 2
@@ -61,8 +96,9 @@ def test_preference_stage_continues_the_adapter(tiny_model, tmp_path, settings, 
     rows = [r for it in items for r in (dpo_rows(it) if stage == "dpo" else kto_rows(it))]
     (tmp_path / "pref.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     spec = TrainSpec(base_model=str(tiny_model), train_file=data(tmp_path / "train.jsonl", 8), val_file=None,
-                     out_dir=str(tmp_path / "out"), lora_r=4, lora_alpha=8, epochs=1, batch_size=4, max_length=64,
-                     preference=stage, preference_file=str(tmp_path / "pref.jsonl"))
+                     out_dir=str(tmp_path / "out"), preference_file=str(tmp_path / "pref.jsonl"),
+                     config=TrainConfig(r=4, lora_alpha=8, num_train_epochs=1, per_device_train_batch_size=4, max_length=64,
+                                        preference_stage=stage))
     events = train_in_child(spec, tmp_path)
     assert {"stage": stage, "rows": len(rows)} in events
     adapters.validate(tmp_path / "out" / "adapter", settings, str(tiny_model))
@@ -70,7 +106,7 @@ def test_preference_stage_continues_the_adapter(tiny_model, tmp_path, settings, 
 
 def test_full_fine_tuning_is_refused_clearly(tiny_model, tmp_path):
     spec = TrainSpec(base_model=str(tiny_model), train_file=data(tmp_path / "t.jsonl", 4), val_file=None,
-                     out_dir=str(tmp_path / "out"), method="full")
+                     out_dir=str(tmp_path / "out"), config=TrainConfig(method="full"))
     spec.dump(tmp_path / "spec.json")
     done = subprocess.run([sys.executable, "-m", "retrain.train", str(tmp_path / "spec.json")], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
@@ -82,10 +118,12 @@ def test_early_stopping_ends_a_run_whose_validation_loss_stopped_improving(tiny_
     epoch once the validation loss stops falling (here it must rise: val answers contradict train's)."""
     val = tmp_path / "val.jsonl"
     val.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"Say the number {i}."}],
-                                       "completion": [{"role": "assistant", "content": f"Zebra {i * 7} quietly."}]}) + "\n" for i in range(4)))
+                                       "completion": [{"role": "assistant", "content": f"Zebra {i * 7} quietly."}]}) + "\n"
+                           for i in range(4)))
     spec = TrainSpec(base_model=str(tiny_model), train_file=data(tmp_path / "train.jsonl", 16), val_file=str(val),
-                     out_dir=str(tmp_path / "out"), lora_r=4, lora_alpha=8, epochs=20, batch_size=4, learning_rate=1e-2,
-                     max_length=64, evals_per_epoch=2, early_stopping_patience=2)
+                     out_dir=str(tmp_path / "out"),
+                     config=TrainConfig(r=4, lora_alpha=8, num_train_epochs=20, per_device_train_batch_size=4, learning_rate=1e-2,
+                                        max_length=64, evals_per_epoch=2, early_stopping_patience=2))
     events = train_in_child(spec, tmp_path)
     evals = [e for e in events if "eval_loss" in e]
     assert events[-1]["done"] and events[-1]["steps"] < 80, events[-1]  # 20 epochs x 4 steps, stopped early
