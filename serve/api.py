@@ -141,7 +141,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(VLLMError)
     async def _vllm(_request: Request, exc: VLLMError):
         status = 400 if exc.status in (400, 422) else 502
-        return error(status, f"the model server refused the request: {exc.message}", "model_error" if status == 502 else "invalid_request_error")
+        kind = "model_error" if status == 502 else "invalid_request_error"
+        return error(status, f"the model server refused the request: {exc.message}", kind)
 
 
 def router(services: Services) -> APIRouter:
@@ -314,5 +315,6 @@ def _sse(first, rest):
             else:
                 yield f"data: {json.dumps(chunk)}\n\n"
     except (VLLMUnavailable, VLLMError) as e:
-        yield f"data: {json.dumps({'error': {'message': f'the model server failed mid-answer: {e}; nothing was stored', 'type': 'service_unavailable'}})}\n\n"
+        failed = {"message": f"the model server failed mid-answer: {e}; nothing was stored", "type": "service_unavailable"}
+        yield f"data: {json.dumps({'error': failed})}\n\n"
     yield "data: [DONE]\n\n"

@@ -142,7 +142,8 @@ class CuratorAuth:
     def _from_cookie(self, value: str) -> str | None:
         user = self.signer.unsign("curator", value)
         # A login removed from the settings ends its sessions at the next restart.
-        if user is not None and (user in {n for n, _ in self.settings.curator_logins} or (user == ADMIN_USER and self.settings.admin_token)):
+        curators = {n for n, _ in self.settings.curator_logins}
+        if user is not None and (user in curators or (user == ADMIN_USER and self.settings.admin_token)):
             return user
         return None
 

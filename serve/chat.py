@@ -56,7 +56,8 @@ def check_messages(messages: list[dict[str, str]], max_chars: int) -> None:
             raise ChatInputError(f"messages[{i}].content must be text")
         if len(content) > max_chars:
             raise ChatInputError(
-                f"messages[{i}].content has {len(content)} characters, above the limit of {max_chars}; shorten it or raise TUNELOOP_MAX_INPUT_CHARS"
+                f"messages[{i}].content has {len(content)} characters, above the limit of {max_chars}; shorten it or raise "
+                "TUNELOOP_MAX_INPUT_CHARS"
             )
         if problem := unstorable(content):
             raise ChatInputError(f"messages[{i}].content {problem}")

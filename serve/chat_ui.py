@@ -83,7 +83,7 @@ def build(services: Services) -> gr.Blocks:
             # Nothing was stored: the turn leaves the chat too (its text goes back in the box), so the
             # shown messages and their stored ids stay in step.
             yield text, history, state, gr.skip(), f"Not sent: {why} Nothing was stored; edit and send again."
-            raise gr.Error(f"{why} Nothing was stored; try again.")
+            raise gr.Error(f"{why} Nothing was stored; try again.") from None
 
     def message_id(state: dict, index: Any) -> int | None:
         i = index[0] if isinstance(index, (list, tuple)) else index

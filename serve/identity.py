@@ -172,7 +172,7 @@ class Identities:
             try:
                 return valid_name(proxied, "proxy user")
             except ApiKeyError as e:
-                raise Unidentified(str(e))
+                raise Unidentified(str(e)) from None
         cookie = request.cookies.get(USER_COOKIE)
         if cookie:
             user = self.signer.unsign("user", cookie)
