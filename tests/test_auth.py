@@ -4,7 +4,7 @@ works for all of them. The CLI's local token works wherever they do."""
 
 import pytest
 from fastapi.testclient import TestClient
-from test_curation import corrected
+from helpers import corrected
 
 from serve import auth
 from serve.chat import ChatService

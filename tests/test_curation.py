@@ -2,8 +2,8 @@
 
 import pytest
 from fastapi.testclient import TestClient
+from helpers import add_turn, corrected
 from sqlmodel import func, select
-from test_store import add_turn
 
 from data_store.db import session
 from data_store.models import Example, Feedback
@@ -19,11 +19,6 @@ from serve.web import build_app
 def examples(engine):
     with session(engine) as s:
         return s.exec(select(Example).order_by(Example.id)).all()
-
-
-def corrected(engine, settings, author="alice", answer="Lyon is the capital.", question=None):
-    mid = add_turn(engine, answer, author=author)
-    return feedback.record(engine, settings, mid, rating="down", correction="Paris is the capital of France.", author=author)
 
 
 def test_feedback_waits_in_queue_until_approved(engine, settings):

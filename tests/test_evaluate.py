@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import build_lora
+from helpers import build_lora
 
 from retrain.evaluate import Case, Likelihood, length_batches, normalize, token_f1
 

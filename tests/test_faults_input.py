@@ -14,11 +14,9 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import build_lora, serve_app
 from fastapi.testclient import TestClient
+from helpers import add_turn, app_was_down_at_the_cron_time, build_lora, serve_app
 from sqlmodel import func, select
-from test_schedule import app_was_down_at_the_cron_time
-from test_store import add_turn
 
 from data_store.db import alembic_config, make_engine, migrate, session
 from data_store.models import Conversation, Example, Feedback, Message, TrainingRun
@@ -225,7 +223,7 @@ import sys, time
 sys.path[:0] = [{tests!r}, {root!r}]
 from settings import Settings
 from retrain import schedule
-from test_schedule import recording_firing
+from helpers import recording_firing
 sch = schedule.start_scheduler(Settings(), recording_firing(Settings()))
 time.sleep(8)
 sch.shutdown()

@@ -4,8 +4,8 @@ the client sends; only the owner of a conversation rates or corrects its answers
 clear 4xx and stores nothing. The model server is a closed port: these requests never reach it."""
 
 from fastapi.testclient import TestClient
+from helpers import add_turn, serve_app
 from sqlmodel import select
-from test_store import add_turn
 from typer.testing import CliRunner
 
 from data_store.db import session
@@ -208,7 +208,6 @@ def test_the_proxy_header_through_a_real_server_on_loopback(settings, engine):
     """As deployed: a proxy on the same machine connects from 127.0.0.1 and adds X-Forwarded-For; the
     peer address checked is the proxy's own."""
     import httpx
-    from conftest import serve_app
 
     vllm = VLLMClient(settings.served_vllm_url)
     mid = add_turn(engine, author="carol")

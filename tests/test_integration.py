@@ -4,7 +4,7 @@ import json
 
 import httpx
 import pytest
-from lora_training import train_lora
+from helpers import train_lora
 from sqlmodel import select
 
 from data_store.db import session

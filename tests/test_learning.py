@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import services_for
+from helpers import services_for
 from sqlmodel import select
 
 from data_store.db import make_engine, migrate, session
