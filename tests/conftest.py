@@ -1,5 +1,6 @@
 """Shared fixtures: real SQLite files, a tiny real Llama built in-process, one real vLLM per session,
-headless Chromium. Plain helpers live in helpers.py."""
+headless Chromium; and every test isolated from the developer's TUNELOOP_* environment and working
+directory. Plain helpers live in helpers.py."""
 
 from __future__ import annotations
 
@@ -18,8 +19,31 @@ from serve.services import build
 from serve.vllm_server import VLLMSupervisor
 from settings import Settings
 
+# Set by `make test` for the whole session; every other TUNELOOP_* variable of the outer shell is dropped.
+SESSION_ENV = {"TUNELOOP_TEST_PG_URL"}
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
+
+
+def _isolate(mp: pytest.MonkeyPatch, cwd: Path) -> None:
+    for name in [n for n in os.environ if n.startswith("TUNELOOP_") and n not in SESSION_ENV]:
+        mp.delenv(name)
+    mp.chdir(cwd)  # so a tuneloop.toml or data/ where pytest was started is never read or written
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_session(tmp_path_factory):
+    """The same isolation for session fixtures (the shared vLLM, the default model), which start before any test's."""
+    with pytest.MonkeyPatch.context() as mp:
+        _isolate(mp, tmp_path_factory.mktemp("session-cwd"))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path_factory):
+    """Each test starts in an empty working directory of its own, without TUNELOOP_* variables it did
+    not set itself (a test's own monkeypatch.setenv runs after this and is undone with it)."""
+    _isolate(monkeypatch, tmp_path_factory.mktemp("cwd"))
 
 
 @pytest.fixture(scope="session")
