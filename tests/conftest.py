@@ -1,66 +1,49 @@
-"""Shared fixtures: real SQLite files, a tiny real Llama built in-process, one real vLLM per session."""
+"""Shared fixtures: real SQLite files, a tiny real Llama built in-process, one real vLLM per session,
+headless Chromium; and every test isolated from the developer's TUNELOOP_* environment and working
+directory. Plain helpers live in helpers.py."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
-from contextlib import contextmanager
+import os
+import uuid
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
+from helpers import build_tiny_llama, free_port, serve_app
 
+from data_store.db import make_engine, migrate
+from serve import model
+from serve.client import VLLMClient
+from serve.services import build
+from serve.vllm_server import VLLMSupervisor
 from settings import Settings
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-CORPUS = ["What is the capital of France? The capital of France is Paris.", "Hello, how are you today?",
-          "Answer with one word: yes or no.", "The quick brown fox jumps over the lazy dog."] * 20
+# Set by `make test` for the whole session; every other TUNELOOP_* variable of the outer shell is dropped.
+SESSION_ENV = {"TUNELOOP_TEST_PG_URL"}
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _isolate(mp: pytest.MonkeyPatch, cwd: Path) -> None:
+    for name in [n for n in os.environ if n.startswith("TUNELOOP_") and n not in SESSION_ENV]:
+        mp.delenv(name)
+    mp.chdir(cwd)  # so a tuneloop.toml or data/ where pytest was started is never read or written
 
 
-def build_tiny_llama(path: Path, hidden: int = 64, layers: int = 2) -> Path:
-    """A real Llama with a real byte-level BPE tokenizer, trained here: no downloads."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(CORPUS, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                  unk_token="<unk>", pad_token="<|im_end|>")
-    tok.chat_template = CHAT_TEMPLATE
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_session(tmp_path_factory):
+    """The same isolation for session fixtures (the shared vLLM, the default model), which start before any test's."""
+    with pytest.MonkeyPatch.context() as mp:
+        _isolate(mp, tmp_path_factory.mktemp("session-cwd"))
+        yield
 
 
-def build_lora(base: Path, out: Path, r: int = 4, **config) -> Path:
-    """A PEFT LoRA adapter for `base` with non-zero weights (so it is not a no-op)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    lora = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **config)
-    get_peft_model(model, lora).save_pretrained(out)
-    return out
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path_factory):
+    """Each test starts in an empty working directory of its own, without TUNELOOP_* variables it did
+    not set itself (a test's own monkeypatch.setenv runs after this and is undone with it)."""
+    _isolate(monkeypatch, tmp_path_factory.mktemp("cwd"))
 
 
 @pytest.fixture(scope="session")
@@ -76,8 +59,6 @@ def settings(tmp_path) -> Settings:
 
 @pytest.fixture
 def engine(settings):
-    from data_store.db import make_engine, migrate
-
     migrate(settings.db_url)
     eng = make_engine(settings.db_url)
     yield eng
@@ -88,8 +69,6 @@ def engine(settings):
 
 @pytest.fixture(scope="session")
 def default_model() -> str:
-    from serve import model
-
     base = Settings()
     return str(model.pull(base, progress=False))
 
@@ -97,12 +76,6 @@ def default_model() -> str:
 @pytest.fixture(scope="session")
 def live(tmp_path_factory, default_model):
     """One vLLM server and one store for the whole session (vLLM takes about a minute to start)."""
-    from data_store.db import make_engine, migrate
-    from serve import model
-    from serve.client import VLLMClient
-    from serve.services import build
-    from serve.vllm_server import VLLMSupervisor
-
     data = tmp_path_factory.mktemp("live")
     s = Settings(data_dir=data / "data", vllm_port=free_port(), max_new_tokens=64)
     migrate(s.db_url)
@@ -116,37 +89,6 @@ def live(tmp_path_factory, default_model):
     client.close()
 
 
-@contextmanager
-def serve_app(services):
-    """The real web app (API + Gradio) for `services` on a loopback port, in a thread of this process."""
-    import uvicorn
-
-    from serve.web import build_app
-
-    port = free_port()
-    config = uvicorn.Config(build_app(services), host="127.0.0.1", port=port, log_level="warning",
-                            proxy_headers=False)  # as `tuneloop serve` runs it
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert server.started, "the web app did not start"
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
-def services_for(settings: Settings, engine, client, base_model: str):
-    """Services over another store that share the session's vLLM client."""
-    from serve.services import build
-
-    return build(settings, engine, client, base_model)
-
-
 @pytest.fixture(scope="session")
 def live_url(live):
     with serve_app(live) as url:
@@ -156,11 +98,6 @@ def live_url(live):
 @pytest.fixture
 def pg_url():
     """A fresh, empty PostgreSQL database for one test (`make test` starts the server on loopback)."""
-    import os
-    import uuid
-
-    import sqlalchemy as sa
-
     admin_url = os.environ.get("TUNELOOP_TEST_PG_URL")
     if not admin_url:
         pytest.fail("TUNELOOP_TEST_PG_URL is not set; run the tests with `make test`, which starts PostgreSQL and sets it")
@@ -172,3 +109,14 @@ def pg_url():
     with admin.connect() as c:
         c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium, headless (never a downloaded one)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        yield b
+        b.close()

@@ -5,7 +5,7 @@ import os
 import shutil
 
 import pytest
-from conftest import build_lora, build_tiny_llama
+from helpers import build_lora, build_tiny_llama
 from sqlmodel import select
 
 from data_store.db import session

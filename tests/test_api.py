@@ -2,8 +2,8 @@
 
 import pytest
 from fastapi.testclient import TestClient
+from helpers import add_turn
 from sqlmodel import func, select
-from test_store import add_turn
 
 from data_store.db import session
 from data_store.models import Conversation, Feedback, Message

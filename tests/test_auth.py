@@ -6,7 +6,7 @@ import httpx
 import pytest
 from conftest import free_port
 from fastapi.testclient import TestClient
-from test_curation import corrected
+from helpers import corrected
 
 from serve import auth
 from serve.app_client import AppClient, AppError, NotRunning

@@ -1,28 +1,14 @@
 """The Gradio chat in real headless Chromium (Debian's package), against the real app and vLLM."""
 
-import time
 
 import pytest
+from helpers import serve_app, services_for, wait_until
 from sqlmodel import select
 
 from data_store.db import session
 from data_store.models import Conversation, Feedback, Message
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
-
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
 
 @pytest.fixture
 def page(browser, live_url):
@@ -31,16 +17,6 @@ def page(browser, live_url):
     page.goto(live_url)
     yield page
     ctx.close()
-
-
-def wait_until(check, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError("condition not met in time")
 
 
 def send(page, text: str) -> str:
@@ -233,7 +209,6 @@ def test_curator_login_and_api_keys_in_chromium(browser, live):
     """With curators configured, /curate sends the browser to the login form; after it the page and its
     buttons work, an API key issued on the API keys tab works once shown and stops when revoked."""
     import httpx
-    from conftest import serve_app, services_for
 
     prod = services_for(live.settings.model_copy(update={"curators": "ops:pw-9", "users": "alice:pw-a"}),
                         live.engine, live.vllm, live.base_model)

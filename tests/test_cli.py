@@ -1,7 +1,7 @@
 """The tuneloop CLI with a tiny real model; the service is not running, so commands act on the store."""
 
 import pytest
-from conftest import build_lora, free_port
+from helpers import build_lora, free_port
 from typer.testing import CliRunner
 
 import app as cli

@@ -2,8 +2,8 @@
 
 import pytest
 from fastapi.testclient import TestClient
+from helpers import add_turn, corrected
 from sqlmodel import func, select
-from test_store import add_turn
 
 from data_store.db import session
 from data_store.models import Example, Feedback
@@ -22,11 +22,6 @@ def stored_examples(engine):
         return s.exec(select(Example).order_by(Example.id)).all()
 
 
-def corrected(engine, settings, author="alice", answer="Lyon is the capital.", question=None):
-    mid = add_turn(engine, answer, author=author)
-    return feedback.record(engine, settings, mid, rating="down", correction="Paris is the capital of France.", author=author)
-
-
 def test_feedback_waits_in_queue_until_approved(engine, settings):
     fb = corrected(engine, settings)
     assert fb.status == "pending" and stored_examples(engine) == []
@@ -35,7 +30,8 @@ def test_feedback_waits_in_queue_until_approved(engine, settings):
     assert item.context == [{"role": "user", "content": "What is the capital of France?"}]
     assert (item.answer, item.correction) == ("Lyon is the capital.", "Paris is the capital of France.")
     ex = curation.approve(engine, settings, fb.id)
-    assert (ex.chosen, ex.rejected, ex.prompt[-1]["content"]) == ("Paris is the capital of France.", "Lyon is the capital.", "What is the capital of France?")
+    assert (ex.chosen, ex.rejected, ex.prompt[-1]["content"]) == ("Paris is the capital of France.", "Lyon is the capital.",
+                                                                   "What is the capital of France?")
     assert curation.counts(engine)["approved"] == 1
 
 
@@ -139,7 +135,8 @@ def test_a_correction_that_is_a_declared_label_makes_a_classification_example(en
     fb = feedback.record(engine, settings, mid, rating="down", correction=" Noun. ", author="alice")
     ex = curation.approve(engine, settings, fb.id)
     assert (ex.kind, ex.label, ex.chosen) == ("classification", "noun", "noun")  # the declared spelling
-    other = feedback.record(engine, settings, add_turn(engine, "Lyon.", author="bob"), rating="down", correction="Paris, probably.", author="bob")
+    other = feedback.record(engine, settings, add_turn(engine, "Lyon.", author="bob"), rating="down", correction="Paris, probably.",
+                            author="bob")
     assert curation.approve(engine, settings, other.id).kind == "chat"
     with pytest.raises(ValueError, match="label"):
         examples.declare_labels(engine, ["x" * 201])

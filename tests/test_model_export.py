@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import build_lora
+from helpers import build_lora
 
 from serve.model_export import ExportError, merge, to_gguf
 

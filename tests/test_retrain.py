@@ -8,9 +8,8 @@ from datetime import UTC, datetime
 
 import httpx
 import pytest
-from conftest import serve_app, services_for
+from helpers import serve_app, services_for, wait_until
 from sqlmodel import select
-from test_browser import browser  # noqa: F401,F811  (the Chromium fixture, a parameter below)
 
 from data_store.db import session
 from data_store.models import Adapter, EvalResult, TrainingRun
@@ -155,11 +154,9 @@ def test_cli_retrain_now_follows_the_running_service_to_its_decision(live_url, t
 
 
 @pytest.mark.browser
-def test_the_runs_tab_shows_the_real_cycle_in_chromium(browser, live, live_url):  # noqa: F811
+def test_the_runs_tab_shows_the_real_cycle_in_chromium(browser, live, live_url):
     """After the cycles above: the Runs tab lists them; one shows its loss curve, both versions' metrics
     in named columns, the data it used and the decision."""
-    from test_browser import wait_until
-
     with session(live.engine) as s:
         done = s.exec(select(TrainingRun).where(TrainingRun.status == "succeeded").order_by(TrainingRun.id)).all()
     run = next(r for r in done if r.decision and r.decision.get("promote"))

@@ -12,18 +12,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from helpers import app_was_down_at_the_cron_time, recording_firing
 from sqlmodel import select
 
 from data_store.db import make_engine, migrate, session
 from data_store.models import TrainingRun
 from retrain import runs, schedule
 from settings import Settings
-
-
-def recording_firing(settings: Settings):
-    """The stored job's real firing (slot, claim, skip rows) with a cycle that only records it ran."""
-    engine = make_engine(settings.db_url)
-    return schedule.firing(settings, engine, lambda run_id: runs.update(engine, run_id, status="succeeded"))
 
 
 def run_rows(engine) -> list[TrainingRun]:
@@ -36,23 +31,6 @@ def test_slot_is_the_latest_cron_time():
     at = datetime(2026, 11, 24, 2, 30, tzinfo=UTC)
     assert schedule.slot_for(s, at) == "2026-11-24T02:00:00+00:00"
     assert schedule.slot_for(s, at - timedelta(hours=1)) == "2026-11-23T02:00:00+00:00"
-
-
-def app_was_down_at_the_cron_time(tmp_path, monkeypatch):
-    """A store holding the job, fallen due 30 minutes ago; returns the settings and a paused
-    scheduler that keeps it stored and unfired (a shutdown now would consume the firing)."""
-    from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
-    from apscheduler.schedulers.background import BackgroundScheduler
-
-    monkeypatch.setenv("TUNELOOP_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("TUNELOOP_SCHEDULE", f"{(datetime.now(UTC) - timedelta(minutes=30)).minute} * * * *")
-    settings = Settings()
-    migrate(settings.db_url)
-    setup = BackgroundScheduler(jobstores={"default": SQLAlchemyJobStore(url=settings.db_url, tablename="apscheduler_jobs")}, timezone=UTC)
-    setup.add_job(schedule.JOB, schedule.trigger(settings), id=schedule.JOB_ID,
-                  next_run_time=datetime.now(UTC) - timedelta(minutes=30))
-    setup.start(paused=True)
-    return settings, setup
 
 
 @pytest.mark.faults

@@ -1,26 +1,15 @@
 import threading
 
 import pytest
+from helpers import add_turn
 from sqlalchemy import inspect, text
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import func, select
 
 from data_store.db import migrate, session
-from data_store.models import Conversation, Feedback, Message
+from data_store.models import Feedback, Message
 from feedback import record as feedback
 from feedback.fields import FeedbackError
-
-
-def add_turn(engine, answer="The capital of France is Paris.", author="alice") -> int:
-    """A stored question and answer in a conversation of `author` (who alone may give it feedback)."""
-    with session(engine) as s:
-        c = Conversation(source="ui", author=author)
-        s.add(c)
-        s.flush()
-        s.add(Message(conversation_id=c.id, position=0, role="user", content="What is the capital of France?"))
-        m = Message(conversation_id=c.id, position=1, role="assistant", content=answer)
-        s.add(m)
-        s.flush()
-        return m.id
 
 
 def test_migrations_create_every_table(engine):
@@ -43,7 +32,7 @@ def test_sqlite_pragmas(engine):
 
 
 def test_foreign_keys_enforced(engine):
-    with pytest.raises(Exception):
+    with pytest.raises(IntegrityError):
         with session(engine) as s:
             s.add(Message(conversation_id=12345, position=0, role="user", content="orphan"))
 
