@@ -99,6 +99,7 @@ def serve(host: str | None = typer.Option(None, help="Override TUNELOOP_HOST."),
         uvicorn.run(build_app(services), host=settings.host, port=settings.port, log_level="warning", proxy_headers=False)
     finally:
         scheduler.shutdown(wait=False)
+        services.writer.close()  # commit what is still queued
         if services.supervisor:
             services.supervisor.stop()
 

@@ -62,6 +62,7 @@ class Data:
     labels: list[str]
     test: list[Case]
     new_approved: int
+    active: str | None  # the version serving when the cycle began: trained on, judged against, recorded as
 
 
 @dataclass(frozen=True)
@@ -88,12 +89,11 @@ def run_cycle(deps: Deps, run_id: int, force: bool = False) -> TrainingRun:
         data = build(deps, run, force)
         files = write(deps, run, data)
         history = train(deps, run, files)
-        candidate = register(deps, run, history)
+        candidate = register(deps, run, history, data.active)
         try:
             judged = evaluate_both(deps, candidate, data)
-            decision = gate.decide_by_kind(judged.candidate.by_kind(), judged.incumbent.by_kind(), gate_config(deps.settings),
-                                           _by_kind(judged.regression_candidate), _by_kind(judged.regression_incumbent), judged.probes)
-            incumbent = record(deps, run, candidate, judged)
+            decision = decide(deps.settings, judged)
+            incumbent = record(deps, run, candidate, judged, data.active)
             promote_or_reject(deps, candidate, decision.promote)
         except Exception as e:
             # A candidate the cycle did not finish judging must not linger in vLLM or be promotable later.
@@ -145,7 +145,7 @@ def build(deps: Deps, run: Run, force: bool) -> Data:
                    f"{settings.gate_min_test_examples} (TUNELOOP_GATE_MIN_TEST_EXAMPLES)")
     if not dataset.rows_for(built.splits["train"], "prompt-completion"):
         raise Skip("the train split has no example with a good answer")
-    return Data(built, labels, test, new)
+    return Data(built, labels, test, new, adapters.active(deps.engine))
 
 
 def write(deps: Deps, run: Run, data: Data) -> Files:
@@ -160,7 +160,7 @@ def write(deps: Deps, run: Run, data: Data) -> Files:
     used = {**data.built.report(), "train_rows": out["train"]["rows"], "val_rows": out["val"]["rows"],
             "test_examples": len(data.test), "new_approved": data.new_approved,
             "train_example_ids": [it.id for it in data.built.splits["train"]],
-            "test_example_ids": [it.id for it in data.built.splits["test"]], "active_before": adapters.active(deps.engine)}
+            "test_example_ids": [it.id for it in data.built.splits["test"]], "active_before": data.active}
     update(deps.engine, run.id, dataset=used)
     deps.on_event({"status": "training", "train_rows": out["train"]["rows"]})
     return files
@@ -195,10 +195,9 @@ def train(deps: Deps, run: Run, files: Files) -> list[dict]:
     return history
 
 
-def register(deps: Deps, run: Run, history: list[dict]) -> Adapter:
-    """The trained adapter becomes an immutable version, the child of the one serving now."""
-    row = adapters.register(deps.engine, deps.settings, deps.base_model, run.workdir / "out" / "adapter",
-                            parent=adapters.active(deps.engine))
+def register(deps: Deps, run: Run, history: list[dict], parent: str | None) -> Adapter:
+    """The trained adapter becomes an immutable version, the child of the one it was judged against."""
+    row = adapters.register(deps.engine, deps.settings, deps.base_model, run.workdir / "out" / "adapter", parent=parent)
     update(deps.engine, run.id, adapter=row.name, history=history)
     deps.on_event({"status": "evaluating", "adapter": row.name})
     return row
@@ -209,7 +208,7 @@ def evaluate_both(deps: Deps, candidate: Adapter, data: Data) -> Judged:
     plus seed data and liked answers held out in val."""
     adapters.ensure_loaded(deps.client, candidate)
     scorer = Scorer(deps.client, Likelihood(candidate.base_model))
-    active = adapters.active(deps.engine)
+    active = data.active
     incumbent, incumbent_dir = (active, adapters.get(deps.engine, active).path) if active else (deps.base_served, None)
     cand, inc = scorer.score(candidate.name, candidate.path, data.test), scorer.score(incumbent, incumbent_dir, data.test)
     probes = [p for p in data.built.probes if p.chosen]
@@ -224,6 +223,12 @@ def evaluate_both(deps: Deps, candidate: Adapter, data: Data) -> Judged:
     return Judged(cand, inc, reg_c, reg_a, checks)
 
 
+def decide(settings: Settings, judged: Judged) -> gate.Decision:
+    """The gate's verdict: per task kind on the test set, no regression on the regression set, every probe kept."""
+    return gate.decide_by_kind(judged.candidate.by_kind(), judged.incumbent.by_kind(), gate_config(settings),
+                               _by_kind(judged.regression_candidate), _by_kind(judged.regression_incumbent), judged.probes)
+
+
 def _by_kind(scored: Scored | None) -> dict[str, dict[str, list[float]]] | None:
     return scored.by_kind() if scored is not None else None
 
@@ -233,10 +238,9 @@ def gate_config(settings: Settings) -> gate.GateConfig:
                            tolerance=settings.gate_tolerance)
 
 
-def record(deps: Deps, run: Run, candidate: Adapter, judged: Judged) -> str:
+def record(deps: Deps, run: Run, candidate: Adapter, judged: Judged, active: str | None) -> str:
     """Both versions' per-example scores on the run, the candidate's summary on its version; returns the
     incumbent's name."""
-    active = adapters.active(deps.engine)
     with session(deps.engine) as s:
         for version, scored in ((candidate.name, judged.candidate), (active, judged.incumbent)):
             for metric, values in scored.scores.items():

@@ -6,6 +6,7 @@ its own 4xx, a 503 when vLLM cannot answer; nothing is stored for a request that
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import asdict
 from datetime import datetime
@@ -176,11 +177,13 @@ def router(services: Services) -> APIRouter:
         if "author" in given:
             return error(400, f"author: the author is the identity you are logged in as ({author}); "
                               "remove the field (log in, or use an API key, to act as someone)")
-        fb = await run_in_threadpool(
-            feedback.record, services.engine, settings, req.message_id,
+        # Queued on the group-commit writer: no worker thread waits on the database's write lock, and the
+        # answer comes only once the change is committed.
+        fb = await asyncio.wrap_future(feedback.submit(
+            services.writer, settings, req.message_id,
             rating=given.get("rating", UNSET), correction=given.get("correction", UNSET),
             comment=given.get("comment", UNSET), author=author,
-        )
+        ))
         return fb.model_dump(mode="json")
 
     @api.get("/api/health")

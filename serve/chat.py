@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.engine import Engine
-from sqlmodel import func, select
+from sqlmodel import Session, func, select
 
 from data_store.db import session
 from data_store.errors import Refused
 from data_store.models import Conversation, Message
 from data_store.text import unstorable
+from data_store.writer import GroupWriter
 from serve import adapters
 from serve.client import VLLMClient
 from settings import Settings
@@ -69,9 +70,10 @@ def check_messages(messages: list[dict[str, str]], max_chars: int) -> None:
 
 class ChatService:
     def __init__(self, settings: Settings, engine: Engine, client: VLLMClient, base_name: str,
-                 base_route: str | None = None):
+                 base_route: str | None = None, writer: GroupWriter | None = None):
         self.settings = settings
         self.engine = engine
+        self.writer = writer or GroupWriter(engine)  # turns are committed in groups with feedback
         self.client = client
         self.base_name = base_name  # what users see and the API reports
         self.base_route = base_route or base_name  # what vLLM is asked for (see serve/zero_adapter.py)
@@ -143,21 +145,25 @@ class ChatService:
 
     def _store(self, new: list[dict[str, str]], answer: str, adapter: str | None, usage: dict[str, Any],
                latency_ms: float, conversation_id: int | None, source: str, author: str) -> Turn:
-        with session(self.engine) as s:
-            if conversation_id is None:
-                conv = Conversation(source=source, author=author[:128])
-                s.add(conv)
-                s.flush()
-                conversation_id = conv.id
-                position = 0
-            else:
-                position = s.exec(select(func.count()).select_from(Message).where(Message.conversation_id == conversation_id)).one()
-            for m in new:
-                s.add(Message(conversation_id=conversation_id, position=position, role=m["role"], content=m["content"]))
-                position += 1
-            reply = Message(conversation_id=conversation_id, position=position, role="assistant", content=answer,
-                            adapter=adapter, prompt_tokens=usage.get("prompt_tokens"),
-                            completion_tokens=usage.get("completion_tokens"), latency_ms=latency_ms)
-            s.add(reply)
+        return self.writer.run(lambda s: self._store_in(s, new, answer, adapter, usage, latency_ms, conversation_id, source, author))
+
+    @staticmethod
+    def _store_in(s: Session, new: list[dict[str, str]], answer: str, adapter: str | None, usage: dict[str, Any],
+                  latency_ms: float, conversation_id: int | None, source: str, author: str) -> Turn:
+        if conversation_id is None:
+            conv = Conversation(source=source, author=author[:128])
+            s.add(conv)
             s.flush()
-            return Turn(conversation_id, reply.id, adapter, answer, reply.prompt_tokens, reply.completion_tokens, latency_ms)
+            conversation_id = conv.id
+            position = 0
+        else:
+            position = s.exec(select(func.count()).select_from(Message).where(Message.conversation_id == conversation_id)).one()
+        for m in new:
+            s.add(Message(conversation_id=conversation_id, position=position, role=m["role"], content=m["content"]))
+            position += 1
+        reply = Message(conversation_id=conversation_id, position=position, role="assistant", content=answer,
+                        adapter=adapter, prompt_tokens=usage.get("prompt_tokens"),
+                        completion_tokens=usage.get("completion_tokens"), latency_ms=latency_ms)
+        s.add(reply)
+        s.flush()
+        return Turn(conversation_id, reply.id, adapter, answer, reply.prompt_tokens, reply.completion_tokens, latency_ms)

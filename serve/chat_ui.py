@@ -43,7 +43,7 @@ def _author(request: gr.Request | None) -> str:
 
 
 def build(services: Services) -> gr.Blocks:
-    chat, engine, settings = services.chat, services.engine, services.settings
+    chat, settings = services.chat, services.settings
 
     def current_label() -> str:
         return serving_label(chat.active(), chat.base_name)
@@ -68,7 +68,7 @@ def build(services: Services) -> gr.Blocks:
         answering = [*shown, {"role": "assistant", "content": ""}]
         try:
             for item in chat.stream(messages, conversation_id=state["conversation_id"], store_from=len(sent),
-                                    source="ui", author=_author(request)):
+                                    source="ui", author=_author(request)).result():
                 if isinstance(item, Turn):
                     state = {"conversation_id": item.conversation_id, "ids": [*state["ids"], None, item.message_id],
                              "sent": [*messages, {"role": "assistant", "content": item.content}]}
@@ -95,7 +95,7 @@ def build(services: Services) -> gr.Blocks:
             return "That message was not stored, so it cannot be rated."
         rating = {True: "up", False: "down"}.get(data.liked) if isinstance(data.liked, bool) else None
         try:
-            feedback.record(engine, settings, mid, rating=rating, author=_author(request))
+            feedback.submit(services.writer, settings, mid, rating=rating, author=_author(request)).result()
         except Refused as e:
             return f"Rating not saved: {e}"
         return f"Thanks: rated {'👍' if rating == 'up' else '👎' if rating == 'down' else 'nothing'} (message {mid})."
@@ -108,7 +108,7 @@ def build(services: Services) -> gr.Blocks:
             history[i]["content"] = text_of(data.previous_value)
             return history, "Only the model's answers can be corrected."
         try:
-            feedback.record(engine, settings, mid, correction=text_of(data.value), author=_author(request))
+            feedback.submit(services.writer, settings, mid, correction=text_of(data.value), author=_author(request)).result()
         except Refused as e:
             history[i]["content"] = text_of(data.previous_value)
             return history, f"Correction not saved: {e}"
@@ -119,7 +119,7 @@ def build(services: Services) -> gr.Blocks:
         if not answers:
             return text, "There is no answer to comment on yet."
         try:
-            feedback.record(engine, settings, answers[-1], comment=text or None, author=_author(request))
+            feedback.submit(services.writer, settings, answers[-1], comment=text or None, author=_author(request)).result()
         except Refused as e:
             return text, f"Comment not saved: {e}"
         return "", f"Comment saved for message {answers[-1]}."

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.engine import Engine
 
+from data_store.writer import GroupWriter
 from retrain import cycle, runs, schedule
 from serve import adapters, zero_adapter
 from serve.auth import CuratorAuth
@@ -30,8 +31,11 @@ class Services:
     supervisor: VLLMSupervisor | None = None
     auth: CuratorAuth | None = None
     identities: Identities | None = None
+    writer: GroupWriter | None = None  # commits feedback and chat turns in groups (the chat's own, unless given)
 
     def __post_init__(self) -> None:
+        if self.writer is None:
+            self.writer = self.chat.writer
         if self.auth is None:
             self.auth = CuratorAuth(self.settings)
         if self.identities is None:
@@ -70,5 +74,6 @@ class Services:
 
 
 def build(settings: Settings, engine: Engine, client: VLLMClient, base_model: str) -> Services:
-    chat = ChatService(settings, engine, client, served_name(settings), zero_adapter.route(settings))
-    return Services(settings, engine, client, chat, base_model)
+    writer = GroupWriter(engine)
+    chat = ChatService(settings, engine, client, served_name(settings), zero_adapter.route(settings), writer=writer)
+    return Services(settings, engine, client, chat, base_model, writer=writer)

@@ -14,7 +14,7 @@ PACKAGES = ("settings", "data_store", "retrain", "feedback", "serve", "app")
 
 LAYERS: list[list[str]] = [
     ["settings"],
-    ["data_store.errors", "data_store.text", "data_store.models", "data_store.db"],
+    ["data_store.errors", "data_store.text", "data_store.models", "data_store.db", "data_store.writer"],
     # The dataset stage and the run rows: pure functions and the store, nothing that serves.
     ["retrain.parse", "retrain.dataset", "retrain.examples", "retrain.importer", "retrain.resplit", "retrain.export",
      "retrain.gate", "retrain.runs"],
