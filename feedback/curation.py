@@ -149,7 +149,8 @@ def approve_in(s: Session, settings: Settings, fb: Feedback) -> Example:
         who = "anonymous sessions together have" if anonymous else f"author {fb.author!r} already has"
         raise FeedbackError(f"{who} {approved} approved examples this cycle "
                             f"(cap TUNELOOP_CURATION_AUTHOR_CAP={settings.curation_author_cap}); approve after the next cycle")
-    s.exec(delete(Example).where(Example.feedback_id == fb.id))  # re-approval replaces the old example
+    if fb.id is not None:  # re-approval replaces the old example (never `IS NULL`: that is every imported one)
+        s.exec(delete(Example).where(Example.feedback_id == fb.id))
     prompt = _context(s, msg)
     key = dataset.prompt_key(prompt)
     splits = examples.assign_in(s, settings.split_ratios, {key: prompt}, {key: chosen or rejected})
@@ -190,7 +191,8 @@ def reject(engine: Engine, feedback_id: int) -> None:
 
 def withdraw_in(s: Session, fb: Feedback, status: str) -> None:
     """Move feedback out of 'approved' (rejected, or changed and pending again): drop its example."""
-    s.exec(delete(Example).where(Example.feedback_id == fb.id))
+    if fb.id is not None:  # new feedback has no example; `feedback_id == None` would match every imported one
+        s.exec(delete(Example).where(Example.feedback_id == fb.id))
     fb.status = status
     fb.updated_at = now()
     s.add(fb)

@@ -148,3 +148,23 @@ def test_opening_one_item_reads_that_item(engine, settings):
     assert (it.feedback_id, it.answer, it.context[-1]["content"]) == (fb.id, "Lyon is the capital.", "What is the capital of France?")
     with pytest.raises(FeedbackError, match="does not exist"):
         curation.item(engine, 999)
+
+
+def test_new_feedback_keeps_every_imported_example(engine, settings, tmp_path):
+    """A first thumb, a correction, a rejection and a re-approval touch only their own example: imported
+    examples (no feedback_id) are never matched by `feedback_id == None`."""
+    import json
+
+    from retrain import importer
+
+    f = tmp_path / "seed.jsonl"
+    f.write_text("\n".join(json.dumps({"prompt": f"Spell the number {i}.", "completion": f"number {i}"}) for i in range(12)))
+    importer.import_file(engine, settings, f)
+    imported = len(stored_examples(engine))
+    fb = feedback.record(engine, settings, add_turn(engine), rating="down", correction="Paris.", author="alice")
+    curation.approve(engine, settings, fb.id)
+    curation.approve(engine, settings, fb.id, correction="Paris, France.")
+    assert len(stored_examples(engine)) == imported + 1
+    curation.reject(engine, fb.id)
+    feedback.record(engine, settings, add_turn(engine, author="bob"), rating="up", author="bob")
+    assert [ex.source for ex in stored_examples(engine)] == ["import"] * imported
