@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 LEVELS = (1, 16, 64)
-TARGET_PER_S, TARGET_P99_MS = 500, 100
+TARGET_PER_S, TARGET_P99_MS = 1000, 100
 
 
 def free_port() -> int:
@@ -55,7 +55,10 @@ def seed_messages(engine, n: int) -> list[int]:
 
 
 async def post_all(base: str, ids: list[int], clients: int, key: str) -> tuple[float, list[float], int]:
-    import httpx
+    # aiohttp, not httpx: against an empty FastAPI endpoint on the 2-core CPU, httpx's AsyncClient
+    # topped out at 557 / 332 posts/s at 16 / 64 clients and aiohttp at 7,859 / 6,738, so with httpx
+    # the benchmark measured its own client.
+    import aiohttp
 
     queue = list(ids)
     latencies: list[float] = []
@@ -66,13 +69,16 @@ async def post_all(base: str, ids: list[int], clients: int, key: str) -> tuple[f
         while queue:
             mid = queue.pop()
             t = time.perf_counter()
-            r = await client.post("/api/feedback", json={"message_id": mid, "rating": "down",
-                                                         "correction": f"better answer {mid}"})
+            async with client.post(f"{base}/api/feedback", json={"message_id": mid, "rating": "down",
+                                                                 "correction": f"better answer {mid}"}) as r:
+                await r.read()
             latencies.append((time.perf_counter() - t) * 1000)
-            failed += r.status_code != 200
+            failed += r.status != 200
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits, headers={"Authorization": f"Bearer {key}"}) as client:
+    # unsafe=True keeps the session cookie of an IP-address host, as a browser or httpx would.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients), cookie_jar=aiohttp.CookieJar(unsafe=True),
+                                     headers={"Authorization": f"Bearer {key}"},
+                                     timeout=aiohttp.ClientTimeout(total=60)) as client:
         started = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(clients)))
         return time.perf_counter() - started, latencies, failed

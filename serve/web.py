@@ -8,7 +8,8 @@ from urllib.parse import quote
 
 import gradio as gr
 from fastapi import FastAPI, Form, Request
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from feedback import curation_ui
 from serve import api, auth, chat_ui, identity
@@ -56,6 +57,54 @@ def _login_routes(app: FastAPI, prefix: str, page: dict, login: Callable[[str, s
         return response
 
 
+class PageGate:
+    """Before any route: a session cookie for every client without one, and the login redirects of the chat
+    and curation pages.
+
+    Plain ASGI rather than @app.middleware: each of those runs the request in a task with memory streams,
+    which cost more than storing a feedback post."""
+
+    def __init__(self, app: ASGIApp, services: Services):
+        self.app, self.people, self.curators = app, services.identities, services.auth
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Request(scope)
+        path, get = request.url.path, request.method == "GET"
+        # `/curate` works as typed; a browser without a curator session is sent to the login form.
+        if get and path in ("/curate", "/curate/"):
+            if self.curators.curator(request) is None:
+                return await RedirectResponse(f"/curate/login?next={quote('/curate/')}", status_code=303)(scope, receive, send)
+            if path == "/curate":
+                query = f"?{request.url.query}" if request.url.query else ""
+                return await RedirectResponse("/curate/" + query, status_code=307)(scope, receive, send)
+        # Every client without a valid session cookie gets one; the request already counts as it.
+        if self.people.anonymous_session(request) is None:
+            sid, value = self.people.new_anonymous_session()
+            setattr(request.state, identity.SESSION_STATE, sid)
+            send = _with_cookie(send, value)
+        # A browser without an identity (login required, or its login expired) is sent to the login form.
+        if get and path == "/" and self.people.gradio_user(request) is None:
+            response = RedirectResponse("/login", status_code=303)
+            response.delete_cookie(identity.USER_COOKIE, path="/")
+            return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def _with_cookie(send: Send, value: str) -> Send:
+    cookie = Response()
+    cookie.set_cookie(identity.SESSION_COOKIE, value, max_age=identity.ANON_SESSION_S, httponly=True, samesite="lax", path="/")
+    header = cookie.raw_headers[-1]
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), header]}
+        await send(message)
+
+    return sending
+
+
 def build_app(services: Services) -> FastAPI:
     app = FastAPI(title="tuneloop", docs_url="/api/docs", openapi_url="/api/openapi.json")
     api.install_error_handlers(app)
@@ -69,36 +118,7 @@ def build_app(services: Services) -> FastAPI:
     _login_routes(app, "", CHAT_LOGIN, people.login, identity.USER_COOKIE, people.session_cookie, identity.USER_SESSION_S,
                   logged_out="/login" if services.settings.user_logins else "/")
 
-    @app.middleware("http")
-    async def chat_page(request: Request, call_next):
-        # A browser without an identity (login required, or its login expired) is sent to the login form.
-        if request.method == "GET" and request.url.path == "/" and people.gradio_user(request) is None:
-            response = RedirectResponse("/login", status_code=303)
-            response.delete_cookie(identity.USER_COOKIE, path="/")
-            return response
-        return await call_next(request)
-
-    @app.middleware("http")
-    async def anonymous_session(request: Request, call_next):
-        # Every client without a valid session cookie gets one; the request already counts as it.
-        if people.anonymous_session(request) is not None:
-            return await call_next(request)
-        sid, cookie = people.new_anonymous_session()
-        setattr(request.state, identity.SESSION_STATE, sid)
-        response = await call_next(request)
-        response.set_cookie(identity.SESSION_COOKIE, cookie, max_age=identity.ANON_SESSION_S, httponly=True,
-                            samesite="lax", path="/")
-        return response
-
-    @app.middleware("http")
-    async def curate_page(request: Request, call_next):
-        # `/curate` works as typed; a browser without a curator session is sent to the login form.
-        if request.method == "GET" and request.url.path in ("/curate", "/curate/"):
-            if curators.curator(request) is None:
-                return RedirectResponse(f"/curate/login?next={quote('/curate/')}", status_code=303)
-            if request.url.path == "/curate":
-                return RedirectResponse("/curate/" + (f"?{request.url.query}" if request.url.query else ""), status_code=307)
-        return await call_next(request)
+    app.add_middleware(PageGate, services=services)
 
     # Curation is its own page so that only curators reach it; every Gradio route under it (page,
     # config, queue, buttons) asks `curators.curator`, the same check as the curator API.
