@@ -68,7 +68,7 @@ def build(services: Services) -> gr.Blocks:
         answering = [*shown, {"role": "assistant", "content": ""}]
         try:
             for item in chat.stream(messages, conversation_id=state["conversation_id"], store_from=len(sent),
-                                    source="ui", author=_author(request)).result():
+                                    source="ui", author=_author(request)):
                 if isinstance(item, Turn):
                     state = {"conversation_id": item.conversation_id, "ids": [*state["ids"], None, item.message_id],
                              "sent": [*messages, {"role": "assistant", "content": item.content}]}
