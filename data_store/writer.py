@@ -86,8 +86,13 @@ class GroupWriter:
                 else:
                     group.append(item)
             group = [(u, f) for u, f in group if f.set_running_or_notify_cancel()]
-            if group:
-                self._commit(group)
+            try:
+                if group:
+                    self._commit(group)
+            except BaseException as e:  # noqa: B036 - never leave a caller waiting, and keep the thread alive
+                for _, fut in group:
+                    if not fut.done():
+                        fut.set_exception(e)
             if stop:
                 return
 
@@ -98,8 +103,8 @@ class GroupWriter:
         try:
             with session(self.engine) as s:
                 results = [unit(s) for unit, _ in group]
-        except Exception:
-            for unit, fut in group:  # find the one that failed: each alone, in order
+        except BaseException:  # noqa: B036 - find the one that failed: each alone, in order
+            for unit, fut in group:
                 self._alone(unit, fut)
             return
         self.groups += 1

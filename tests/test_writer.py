@@ -121,3 +121,28 @@ def test_integrity_errors_outside_the_queue_are_retried_once(store):
     writer = GroupWriter(engine)
     assert writer.run(unit) == "ok" and len(tries) == 2
     writer.close()
+
+
+class Boom(BaseException):
+    """Not an Exception: the kind that would end a thread that only caught Exception."""
+
+
+def test_a_unit_raising_base_exception_fails_alone_and_the_writer_lives_on(store):
+    settings, engine = store
+    mids = [add_turn(engine) for _ in range(5)]
+    writer = GroupWriter(engine)
+    hold = threading.Event()
+    writer.submit(lambda s: hold.wait(10))
+    good = [feedback.submit(writer, settings, m, rating="up", author="alice") for m in mids[:4]]
+
+    def boom(s):
+        raise Boom()
+
+    bad = writer.submit(boom)
+    hold.set()
+    assert all(f.result(timeout=30).rating == "up" for f in good)
+    with pytest.raises(Boom):
+        bad.result(timeout=30)
+    assert feedback.submit(writer, settings, mids[4], rating="down", author="alice").result(timeout=30).rating == "down"
+    writer.close()
+    assert count(engine, Feedback) == 5
