@@ -14,7 +14,6 @@ Units must therefore only touch the session: no effects outside the database.
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -31,14 +30,11 @@ T = TypeVar("T")
 Unit = Callable[[Session], T]
 MAX_GROUP = 256  # bounds one transaction's size and the wait of the last unit in it
 
-log = logging.getLogger(__name__)
-
-
 class GroupWriter:
     def __init__(self, engine: Engine, max_group: int = MAX_GROUP):
         self.engine = engine
         self.max_group = max_group
-        self.groups = 0  # commits made, and units committed: how well grouping works, for tests and logs
+        self.groups = 0  # commits made, and units committed: how well grouping works
         self.units = 0
         self._queue: queue.SimpleQueue[tuple[Unit, Future] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()

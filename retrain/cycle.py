@@ -208,7 +208,7 @@ def evaluate_both(deps: Deps, candidate: Adapter, data: Data) -> Judged:
     plus seed data and liked answers held out in val."""
     adapters.ensure_loaded(deps.client, candidate)
     scorer = Scorer(deps.client, Likelihood(candidate.base_model))
-    active = data.active
+    active = data.active  # the version serving when the cycle began
     incumbent, incumbent_dir = (active, adapters.get(deps.engine, active).path) if active else (deps.base_served, None)
     cand, inc = scorer.score(candidate.name, candidate.path, data.test), scorer.score(incumbent, incumbent_dir, data.test)
     probes = [p for p in data.built.probes if p.chosen]

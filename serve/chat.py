@@ -70,10 +70,10 @@ def check_messages(messages: list[dict[str, str]], max_chars: int) -> None:
 
 class ChatService:
     def __init__(self, settings: Settings, engine: Engine, client: VLLMClient, base_name: str,
-                 base_route: str | None = None, writer: GroupWriter | None = None):
+                 base_route: str | None = None):
         self.settings = settings
         self.engine = engine
-        self.writer = writer or GroupWriter(engine)  # turns are committed in groups with feedback
+        self.writer = GroupWriter(engine)  # turns are committed in groups with feedback (Services.writer)
         self.client = client
         self.base_name = base_name  # what users see and the API reports
         self.base_route = base_route or base_name  # what vLLM is asked for (see serve/zero_adapter.py)

@@ -31,15 +31,17 @@ class Services:
     supervisor: VLLMSupervisor | None = None
     auth: CuratorAuth | None = None
     identities: Identities | None = None
-    writer: GroupWriter | None = None  # commits feedback and chat turns in groups (the chat's own, unless given)
 
     def __post_init__(self) -> None:
-        if self.writer is None:
-            self.writer = self.chat.writer
         if self.auth is None:
             self.auth = CuratorAuth(self.settings)
         if self.identities is None:
             self.identities = Identities(self.settings, self.engine, self.auth)
+
+    @property
+    def writer(self) -> GroupWriter:
+        """The one group-commit writer, shared by chat turns and feedback."""
+        return self.chat.writer
 
     def promote(self, name: str) -> None:
         adapters.promote(self.engine, self.vllm, self.settings, name, drain=self.chat.drain)
@@ -74,6 +76,5 @@ class Services:
 
 
 def build(settings: Settings, engine: Engine, client: VLLMClient, base_model: str) -> Services:
-    writer = GroupWriter(engine)
-    chat = ChatService(settings, engine, client, served_name(settings), zero_adapter.route(settings), writer=writer)
-    return Services(settings, engine, client, chat, base_model, writer=writer)
+    chat = ChatService(settings, engine, client, served_name(settings), zero_adapter.route(settings))
+    return Services(settings, engine, client, chat, base_model)
