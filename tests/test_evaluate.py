@@ -54,14 +54,14 @@ def test_batched_nll_equals_one_sequence_at_a_time(tiny_model, tmp_path, cases, 
     lik = Likelihood(str(tiny_model))
     assert len(length_batches([len(lik._row(c)[0]) for c in cases], 120)) > 1
 
-    base = lik.score(None, cases)
+    base = lik.score("tiny", None, cases)
     assert base == pytest.approx(_one_at_a_time(lik.base, lik, cases), abs=1e-4)
 
     adapter = build_lora(tiny_model, tmp_path / "lora")
-    tuned = lik.score(str(adapter), cases)
+    tuned = lik.score("tiny-lora", str(adapter), cases)
     reference = PeftModel.from_pretrained(lik.base, str(adapter))
     assert tuned == pytest.approx(_one_at_a_time(reference, lik, cases), abs=1e-4)
     lik.base = reference.unload()
     assert max(abs(a - b) for a, b in zip(base, tuned, strict=False)) > 1e-3  # the adapter changed the scores
 
-    assert lik.score(None, cases) == pytest.approx(base, abs=1e-6)  # the adapter was taken out again
+    assert lik.score("tiny", None, cases) == pytest.approx(base, abs=1e-6)  # the adapter was taken out again

