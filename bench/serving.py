@@ -260,8 +260,9 @@ def main() -> None:
                 with vllm(sv, base, env_extra):
                     client = VLLMClient(sv.served_vllm_url)
                     client.load_adapter("bench-lora", str(lora))
-                    client.close()
                     out = measure_variant(label, sv.served_vllm_url, served, "bench-lora", args.max_tokens)
+                    client.unload_adapter("bench-lora")  # the app loads its own copy under that name
+                    client.close()
                     with app_on(sv.served_vllm_url, tmp, lora, str(len(variants))) as app_url:
                         for streams in (8, 32):
                             c = run(drive(app_url, None, prompts(requests_for(streams)), streams, args.max_tokens, False))
