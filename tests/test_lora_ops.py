@@ -2,7 +2,7 @@
 
 vLLM's ops are the reference wherever they are right (every token on an adapter slot); on a base token
 (slot -1) they read the last slot, and ours must add nothing. The live server runs these ops: see
-test_faults_serving.py (base answers beside adapter answers) and test_integration.py (prompt_logprobs).
+test_faults_serving.py (base answers beside adapter answers, prompt_logprobs) and test_retrain.py (NLL in vLLM).
 """
 
 import pytest
@@ -83,8 +83,10 @@ def test_prompt_logits_take_the_batchs_one_slot_or_refuse_to_guess():
     assert ops._logit_groups(x, torch.tensor([2, 2, 2]), some_b) == [(2, None)]
     assert ops._logit_groups(x, torch.tensor([-1, -1, -1]), some_b) == []
     assert ops._logit_groups(x, torch.tensor([1, 2, -1]), zero_b) == []  # no lm_head LoRA: nothing to add
-    with pytest.raises(ValueError, match="prompt_logprobs"):
-        ops._logit_groups(x, torch.tensor([1, 2, -1]), some_b)
+    for mixed in ([1, 2, -1], [-1, -1, 2]):  # several versions, or base beside one: which rows are whose is unknown
+        with pytest.raises(ValueError, match="prompt_logprobs"):
+            ops._logit_groups(x, torch.tensor(mixed), some_b)
+    assert ops._logit_groups(x[:3], torch.tensor([1, 2, -1]), some_b) == ops.slot_groups(torch.tensor([1, 2, -1]))  # sampled rows
 
 
 def test_plugin_is_inert_unless_named_and_refuses_other_vllm_versions(monkeypatch):
@@ -109,3 +111,9 @@ def test_the_spawned_server_names_the_plugin_and_keeps_the_others(monkeypatch):
     monkeypatch.setenv("VLLM_PLUGINS", "other")
     assert vllm_server.environment(Settings(_env_file=None), "/x")["VLLM_PLUGINS"] == f"other,{ops.NAME}"
     assert vllm_server.environment(Settings(vllm_lora_ops="vllm", _env_file=None), "/x")["VLLM_PLUGINS"] == "other"
+
+
+def test_a_server_asked_for_the_plugin_refuses_to_start_when_it_is_not_installed(monkeypatch):
+    monkeypatch.setattr(vllm_server, "entry_points", lambda **kw: [])  # an install from before the plugin existed
+    with pytest.raises(RuntimeError, match=r"tuneloop_lora_ops.*make setup.*TUNELOOP_VLLM_LORA_OPS=vllm"):
+        vllm_server.environment(Settings(_env_file=None), "/x")
