@@ -79,6 +79,31 @@ def test_prompt_logprobs_through_an_adapter_keep_the_engine_serving(live, taught
     assert version_of(answer_from(live, served_name(live.settings))) == {None}  # and the engine still serves
 
 
+def test_a_versions_greedy_answers_are_the_same_merged(live, taught, tmp_path):
+    """The same version two ways: LoRA through the grouped ops in vLLM, and the adapter merged into plain
+    weights (the export) in transformers. Greedy answers must agree token for token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from serve.model_export import merge
+
+    merged = merge(live.base_model, str(taught["zorblax"]), tmp_path / "merged")
+    tok = AutoTokenizer.from_pretrained(merged)
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    live.vllm.load_adapter("greedy-z", str(taught["zorblax"]))
+    try:
+        for q in [QUESTION, "What is the capital of Spain?", "Name a large city."]:
+            served = live.vllm.chat({"model": "greedy-z", "messages": [{"role": "user", "content": q}],
+                                     "temperature": 0, "max_tokens": 12})["choices"][0]["message"]["content"]
+            ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, return_tensors="pt",
+                                          return_dict=True)
+            with torch.no_grad():
+                out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+            assert served == tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True), q
+    finally:
+        live.vllm.unload_adapter("greedy-z")
+
+
 def answer_from(live, model: str) -> str:
     return live.vllm.chat({"model": model, "messages": [{"role": "user", "content": QUESTION}],
                            "temperature": 0, "max_tokens": 10})["choices"][0]["message"]["content"]
