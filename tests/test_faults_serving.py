@@ -135,8 +135,7 @@ def test_base_answers_stay_base_after_adapters_filled_every_vllm_slot(live, taug
     assert live.settings.vllm_lora_ops == "grouped" and route == served_name(live.settings)  # the workaround is off
 
     def ask(model: str) -> str:
-        return live.vllm.chat({"model": model, "messages": [{"role": "user", "content": QUESTION}],
-                               "temperature": 0, "max_tokens": 10})["choices"][0]["message"]["content"]
+        return answer_from(live, model)
 
     before = ask(route)
     assert version_of(before) == {None}, before
