@@ -113,8 +113,8 @@ def model_pull() -> None:
 
 
 def _through_app(settings, path: str, body: dict | None = None):
-    """Ask the running app to act (serve/app_client.py), so it drains requests on the old version before
-    unloading it. Returns the JSON answer, or None when the app is not running."""
+    """Ask the running app to act (serve/app_client.py), so the flip reaches its vLLM and the old version is
+    unloaded only after its requests finish. Returns the JSON answer, or None when the app is not running."""
     try:
         return AppClient(settings).post(path, body)
     except NotRunning:

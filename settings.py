@@ -106,8 +106,9 @@ class Settings(BaseSettings):
     )
     max_model_len: int = Field(2048, ge=128, description="Context length served by vLLM.")
     max_lora_rank: int = Field(16, ge=1, le=512, description="Largest LoRA rank vLLM accepts; adapters above it are rejected.")
-    max_loras: int = Field(4, ge=3, description="Adapters vLLM keeps loaded at once (a swap needs the old and the new, and "
-                                                 "the zero adapter where it is used).")
+    max_loras: int = Field(3, ge=3, description="Adapters vLLM keeps loaded at once: the live version, the previous one (so "
+                                                 "rollback is instant) and a cycle's candidate (so promotion is); the zero "
+                                                 "adapter, where it is used, gets one more.")
     vllm_lora_ops: Literal["grouped", "vllm"] = Field(
         "grouped",
         description="LoRA ops of a spawned vLLM on CPU: `grouped` (tuneloop's plugin, serve/vllm_lora_ops.py: one matrix product per "

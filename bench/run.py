@@ -35,9 +35,18 @@ def ingest_rows(r: dict) -> list[str]:
 
 
 def hotswap_rows(r: dict) -> list[str]:
-    return [f"| hotswap | {len(r['promotions'])} promotions under {r['streams']} streams: promote -> first token of the new "
-            f"version p50 {r['p50_s']} s, p99 {r['p99_s']} s; {r['failed']} failed and {r['version_mismatch']} mixed-version "
-            f"of {r['responses']} responses, {load(r)} | p99 < {r['target_p99_s']} s, 0 failed, 0 mixed |"]
+    if "promote_call_p99_s" not in r:  # a result from before one-step promotion
+        return [f"| hotswap | promote -> first token p50 {r['p50_s']} s, p99 {r['p99_s']} s (old format) | |"]
+    flips = r["promotions"]
+    n_promote = sum(f["kind"] == "promote" for f in flips)
+    return [f"| hotswap | {n_promote} promotions and {len(flips) - n_promote} rollbacks under {r['streams']} streams: promote call "
+            f"p50 {r['promote_call_p50_s']} s, p99 {r['promote_call_p99_s']} s (rollback p99 {r['rollback_call_p99_s']} s) "
+            f"| p99 < {r['target_promote_call_p99_s']} s |",
+            f"| hotswap | call -> first token of the version switched to: p50 {r['p50_s']} s, p99 {r['p99_s']} s, against the "
+            f"steady TTFT p50 {r['steady_ttft_p50_s']} s, p99 {r['steady_ttft_p99_s']} s; {r['late_flips']} flips late | "
+            f"<= steady TTFT p99 + 1 s = {r['target_first_token_s']} s |",
+            f"| hotswap | {r['failed']} failed and {r['version_mismatch']} mixed-version of {r['responses']} responses, "
+            f"{r['promote_errors']} flip errors, {load(r)} | 0 failed, 0 mixed |"]
 
 
 def cycle_rows(r: dict) -> list[str]:

@@ -41,7 +41,7 @@ class Deps:
     client: VLLMClient
     base_model: str  # what training starts from: a directory or a hub id
     base_served: str  # the name vLLM serves the base model under (the zero adapter on CPU)
-    promote: Callable[[str], None]  # the service's promotion, which drains requests on the old version
+    promote: Callable[[str], None]  # the service's one-step promotion (serve/residency.py drains afterwards)
     on_event: Event = lambda e: None
 
 

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -229,36 +228,40 @@ def active(engine: Engine) -> str | None:
     return live[0].adapter if live else None
 
 
-# ---- promotion against vLLM ----
+def resident(engine: Engine) -> list[str]:
+    """The versions vLLM keeps loaded: the active one, then the one a rollback returns to."""
+    return [d.adapter for d in _live(engine)[:2]]
 
-def ensure_loaded(client: VLLMClient, row: Adapter) -> None:
+
+# ---- promotion against vLLM (serve/residency.py unloads what drops out, in the background) ----
+
+def loaded(client: VLLMClient, row: Adapter) -> bool:
     for m in client.models():
         if m["id"] == row.name:
             if m.get("root") not in (None, row.path):  # another store's version under this name: never score that one
                 raise AdapterError(f"vLLM already serves {row.name!r} from {m['root']}, not {row.path}; "
                                    "two stores share this vLLM server and reuse version names: give each its own server")
-            return
-    client.load_adapter(row.name, row.path)
+            return True
+    return False
+
+
+def ensure_loaded(client: VLLMClient, row: Adapter) -> None:
+    if not loaded(client, row):
+        client.load_adapter(row.name, row.path)
 
 
 def _probe(client: VLLMClient, name: str) -> None:
     client.chat({"model": name, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1, "temperature": 0})
 
 
-def _unload(client: VLLMClient, name: str | None, drain: Callable[[str], None]) -> None:
-    if name is None:
-        return
-    drain(name)  # let requests already on the old version finish before vLLM drops it
-    try:
-        client.unload_adapter(name)
-    except VLLMError:
-        pass  # already gone (for example after a vLLM restart): nothing to free
-
-
-def _bring_up(client: VLLMClient, row: Adapter, settings: Settings) -> None:
-    """Load and probe; on failure vLLM is left as it was."""
+def bring_up(client: VLLMClient, row: Adapter, settings: Settings) -> None:
+    """Validate the files again; a version vLLM does not hold yet is loaded and probed (on failure vLLM
+    is left as it was). One already loaded (a cycle's candidate, the previous version) costs no request
+    to the model: that is what makes promotion and rollback one step."""
     validate(Path(row.path), settings, row.base_model)  # the directory could have been tampered with
-    ensure_loaded(client, row)
+    if loaded(client, row):
+        return
+    client.load_adapter(row.name, row.path)
     try:
         _probe(client, row.name)
     except Exception:
@@ -269,49 +272,42 @@ def _bring_up(client: VLLMClient, row: Adapter, settings: Settings) -> None:
         raise
 
 
-def promote(engine: Engine, client: VLLMClient | None, settings: Settings, name: str,
-            drain: Callable[[str], None] = lambda _: None) -> None:
-    """Load the new version, probe it, flip the active row, then unload the old one.
+def promote(engine: Engine, client: VLLMClient | None, settings: Settings, name: str) -> None:
+    """Bring the version up (instant when loaded) and flip the active row.
 
     With client None (service not running) only the database flips; serve loads it at start.
     """
     row = get(engine, name)
     if row.status == "rejected":
         raise AdapterError(f"adapter {name!r} was rejected; promote another version")
-    old = active(engine)
-    if old == name:
+    if active(engine) == name:
         return
     if client is not None:
-        _bring_up(client, row, settings)
+        bring_up(client, row, settings)
     else:
         validate(Path(row.path), settings, row.base_model)
     with session(engine) as s:
         s.add(Deployment(adapter=name))
-    if client is not None:
-        _unload(client, old, drain)
 
 
-def rollback(engine: Engine, client: VLLMClient | None, settings: Settings,
-             drain: Callable[[str], None] = lambda _: None) -> str | None:
+def rollback(engine: Engine, client: VLLMClient | None, settings: Settings) -> str | None:
     """Re-activate the version that served before the current one; returns it (None: base model)."""
     live = _live(engine)
     if not live:
         raise AdapterError("nothing to roll back: the base model is serving and no adapter was ever promoted")
     current, previous = live[0], (live[1].adapter if len(live) > 1 else None)
     if previous is not None and client is not None:
-        _bring_up(client, get(engine, previous), settings)
+        bring_up(client, get(engine, previous), settings)
     with session(engine) as s:
         dep = s.get(Deployment, current.id)
         dep.rolled_back = True
         s.add(dep)
-    if client is not None:
-        _unload(client, current.adapter, drain)
     return previous
 
 
 def reload_active(engine: Engine, client: VLLMClient, settings: Settings) -> str | None:
-    """After vLLM (re)starts it has no adapters: load the active one again."""
+    """After vLLM (re)starts it has no adapters: load the active one again (residency loads the previous)."""
     name = active(engine)
     if name is not None:
-        _bring_up(client, get(engine, name), settings)
+        bring_up(client, get(engine, name), settings)
     return name

@@ -13,7 +13,7 @@ import httpx
 from serve.auth import cli_token
 from settings import Settings
 
-ACT_TIMEOUT_S = 600  # promote drains requests on the old version; a retrain start claims a run
+ACT_TIMEOUT_S = 600  # promoting a version vLLM does not hold yet loads and probes it; a retrain start claims a run
 READ_TIMEOUT_S = 30
 
 

@@ -80,10 +80,11 @@ class ChatService:
         self._inflight: Counter[str] = Counter()
         self._cv = threading.Condition()
 
-    # Promotion unloads the old version only once requests already on it are done.
-    def drain(self, model: str, timeout: float = 120) -> None:
+    # A version is unloaded only once requests already on it are done (serve/residency.py).
+    def drain(self, model: str, timeout: float = 120) -> bool:
+        """Wait until no request is on `model`; False if some still are after `timeout` seconds."""
         with self._cv:
-            self._cv.wait_for(lambda: self._inflight[model] == 0, timeout)
+            return self._cv.wait_for(lambda: self._inflight[model] == 0, timeout)
 
     def active(self) -> str | None:
         return adapters.active(self.engine)

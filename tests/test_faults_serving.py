@@ -214,11 +214,39 @@ def test_hot_swap_under_16_streams_has_no_error_and_no_mixed_version(live, tmp_p
             assert version_of(text) == {version}, (text, stored.adapter)  # exactly one version, the recorded one
             seen[version] += 1
     assert all(seen.values()), seen  # every version really answered during the run
+    svc.residency.wait(300)
     for n in names.values():
         try:
             live.vllm.unload_adapter(n)
         except Exception:
             pass
+    svc.engine.dispose()
+
+
+def test_rollback_returns_at_once_and_the_version_it_left_is_unloaded_only_after_its_answers_finish(live, tmp_path, taught):
+    svc = own_store(live, tmp_path)
+    z, q = (adapters.register(svc.engine, svc.settings, live.base_model, taught[k], name=f"rb-{k}").name
+            for k in ("zorblax", "quxxor"))
+    svc.promote(z)
+    svc.promote(q)
+    svc.residency.wait(300)
+    assert {z, q} <= {m["id"] for m in live.vllm.models()}  # live and previous are both held
+
+    long = svc.chat.stream([{"role": "user", "content": QUESTION}], author="tester",
+                           params={"temperature": 0, "max_tokens": 120, "min_tokens": 120})
+    next(long)  # the answer on q has started
+    flipped = threading.Thread(target=lambda: svc.rollback())
+    flipped.start()
+    flipped.join(30)
+    assert not flipped.is_alive() and adapters.active(svc.engine) == z  # returned with q's answer still open
+    assert version_of(answer(svc)[1]) == {"zorblax"}  # new chats answer from z at once
+    time.sleep(2)
+    assert q in {m["id"] for m in live.vllm.models()}  # not unloaded under its running answer
+    turn = list(long)[-1]
+    assert turn.adapter == q and turn.completion_tokens == 120 and version_of(turn.content) == {"quxxor"}
+    svc.residency.wait(300)
+    assert q not in {m["id"] for m in live.vllm.models()}  # and unloaded once it finished
+    live.vllm.unload_adapter(z)
     svc.engine.dispose()
 
 

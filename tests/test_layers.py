@@ -20,7 +20,7 @@ LAYERS: list[list[str]] = [
      "retrain.gate", "retrain.runs"],
     ["feedback.fields", "feedback.curation", "feedback.record"],
     ["serve.model", "serve.client", "serve.vllm_server", "serve.vllm_lora_ops", "serve.adapters", "serve.zero_adapter",
-     "serve.model_export", "serve.auth", "serve.identity", "serve.chat"],
+     "serve.model_export", "serve.auth", "serve.identity", "serve.chat", "serve.residency"],
     ["retrain.train", "retrain.evaluate", "retrain.cycle", "retrain.schedule"],
     ["serve.services"],  # the one composition root
     ["serve.app_client", "serve.api", "serve.chat_ui", "feedback.runs_ui", "feedback.curation_ui", "serve.web"],
