@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -89,6 +90,15 @@ def serve(host: str | None = typer.Option(None, help="Override TUNELOOP_HOST."),
     else:
         services.reload_active()
     scheduler = services.start_scheduler()
+    # The base model's layer shapes, which every adapter is validated against: read once now, not in
+    # the first promotion's call (importing the model class takes seconds).
+    def read_shapes() -> None:
+        try:
+            adapters.base_linears(base)
+        except Exception as e:  # the first promotion then reads them itself, and reports the error there
+            logging.getLogger(__name__).warning("could not read %s's layer shapes ahead of time: %s", base, e)
+
+    threading.Thread(target=read_shapes, name="base-shapes", daemon=True).start()
     typer.echo(f"tuneloop is serving at http://{settings.host}:{settings.port} (curation: /curate; retrain schedule {settings.schedule} "
                "UTC)")
     # uvicorn re-raises SIGTERM after its graceful shutdown; under the default handler that ends this

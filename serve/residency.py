@@ -30,13 +30,16 @@ class Residency:
                  drain: Callable[[str, float], bool]):
         self.settings, self.engine, self.client = settings, engine, client
         self.drain = drain  # ChatService.drain: True once no request is on that version
-        self.lock = threading.Lock()  # flips and unloads; never held while waiting on requests
+        # Flips hold it; the background holds it only to decide, never across a call to vLLM.
+        self._cv = threading.Condition()
+        self._busy: set[str] = set()  # versions the background is loading or unloading right now
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="residency")
         self._last: Future | None = None
 
-    def flip(self, change: Callable[[], T]) -> T:
-        """Run a promotion or rollback, then settle in the background what it changed."""
-        with self.lock:
+    def flip(self, target: str | None, change: Callable[[], T]) -> T:
+        """Run a promotion or rollback to `target`, then settle in the background what it changed."""
+        with self._cv:
+            self._cv.wait_for(lambda: target not in self._busy, 300)  # never flip onto a half-unloaded version
             before = set(adapters.resident(self.engine))
             result = change()
             self._last = self._worker.submit(self._settle, before)
@@ -55,26 +58,41 @@ class Residency:
         try:
             for name in sorted(before - set(adapters.resident(self.engine))):
                 self._retire(name)
-            with self.lock:  # a version rollback would return to, loaded now so the rollback is instant
-                for name in adapters.resident(self.engine):
-                    adapters.bring_up(self.client, adapters.get(self.engine, name), self.settings)
+            for name in adapters.resident(self.engine):  # what a rollback returns to, loaded now so it is instant
+                self._in_flight(name, lambda n=name: adapters.bring_up(self.client, adapters.get(self.engine, n), self.settings))
         except Exception:
             log.exception("settling vLLM's loaded versions failed; promotion and rollback still work, "
                           "a version not loaded is loaded in the call instead")
 
     def _retire(self, name: str) -> None:
-        """Unload a version nothing points at, once no request is on it. The check and the unload hold
-        the lock, so no flip can make it active again in between; a request counts itself on a version
-        only while it is active, so none can start on it either."""
+        """Unload a version nothing points at, once no request is on it. The check is made under the
+        flip lock and the version marked busy, so no flip can make it active until the unload is done;
+        a request counts itself on a version only while it is active, so none can start on it either."""
         while True:
             self.drain(name, 120)  # wait outside the lock: promotions go on meanwhile
-            with self.lock:
+            with self._cv:
                 if name in adapters.resident(self.engine):
                     return  # promoted again while it drained: keep it
                 if not self.drain(name, 0):
                     continue  # a request that read it just before the flip is still running
-                try:
-                    self.client.unload_adapter(name)
-                except VLLMError:
-                    pass  # already gone (a vLLM restart): nothing to free
-                return
+                self._busy.add(name)
+            break
+        self._in_flight(name, lambda: self._unload(name), marked=True)
+
+    def _unload(self, name: str) -> None:
+        try:
+            self.client.unload_adapter(name)
+        except VLLMError:
+            pass  # already gone (a vLLM restart): nothing to free
+
+    def _in_flight(self, name: str, call: Callable[[], None], marked: bool = False) -> None:
+        """Run a vLLM call on `name` outside the lock, with the version marked busy meanwhile."""
+        if not marked:
+            with self._cv:
+                self._busy.add(name)
+        try:
+            call()
+        finally:
+            with self._cv:
+                self._busy.discard(name)
+                self._cv.notify_all()

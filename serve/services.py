@@ -49,10 +49,11 @@ class Services:
 
     # One step each: the version switched to is already loaded; draining and unloading follow in the background.
     def promote(self, name: str) -> None:
-        self.residency.flip(lambda: adapters.promote(self.engine, self.vllm, self.settings, name))
+        self.residency.flip(name, lambda: adapters.promote(self.engine, self.vllm, self.settings, name))
 
     def rollback(self) -> str | None:
-        return self.residency.flip(lambda: adapters.rollback(self.engine, self.vllm, self.settings))
+        back = next(iter(adapters.resident(self.engine)[1:]), None)
+        return self.residency.flip(back, lambda: adapters.rollback(self.engine, self.vllm, self.settings))
 
     def cycle_deps(self, on_event: cycle.Event = lambda e: None) -> cycle.Deps:
         """A cycle's dependencies: this service's vLLM and store, and its one-step promotion."""
