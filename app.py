@@ -22,7 +22,7 @@ import typer
 from pydantic import ValidationError
 
 from data_store.db import make_engine, migrate
-from retrain import examples, export, importer, resplit
+from retrain import evaluate, examples, export, importer, resplit
 from serve import adapters, identity, model, model_export
 from serve.app_client import AppClient, AppError, NotRunning
 from serve.client import VLLMClient
@@ -74,6 +74,10 @@ def serve(host: str | None = typer.Option(None, help="Override TUNELOOP_HOST."),
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per vLLM call drowns the log
     settings = load_settings(host=host, port=port)
+    try:
+        evaluate.check_nll_route(settings)  # before anything starts: a cycle would fail only after training
+    except ValueError as e:
+        fail(str(e))
     engine = open_store(settings)
     if settings.base_model == DEFAULT_MODEL:
         model.pull(settings)

