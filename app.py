@@ -114,6 +114,7 @@ def serve(host: str | None = typer.Option(None, help="Override TUNELOOP_HOST."),
     finally:
         scheduler.shutdown(wait=False)
         services.writer.close()  # commit what is still queued
+        services.residency.close()  # queued loads and unloads are moot once vLLM stops
         if services.supervisor:
             services.supervisor.stop()
 
@@ -166,7 +167,7 @@ def adapters_add(path: Path, name: str | None = typer.Option(None, help="Version
 
 @adapters_cli.command("promote")
 def adapters_promote(name: str) -> None:
-    """Load NAME in vLLM, probe it, make it active, unload the old version."""
+    """Make NAME active (loaded and probed first if vLLM does not hold it yet); the old version stays loaded for rollback."""
     settings = load_settings()
     if _through_app(settings, "/api/adapters/promote", {"name": name}) is not None:
         typer.echo(f"{name} is active")

@@ -9,6 +9,7 @@ metrics and the decision with its reasons.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import traceback
@@ -30,6 +31,7 @@ from serve import adapters
 from serve.client import VLLMClient
 from settings import Settings
 
+log = logging.getLogger(__name__)
 Event = Callable[[dict], None]
 
 
@@ -259,6 +261,10 @@ def promote_or_reject(deps: Deps, candidate: Adapter, promote: bool) -> None:
 
 
 def reject(deps: Deps, name: str, reason: str | None = None) -> None:
+    if name in adapters.resident(deps.engine):
+        # A curator promoted it by hand while it was judged: it serves now, so it is neither marked nor unloaded.
+        log.warning("the gate said no to %s, but it was promoted by hand during the cycle; it stays active", name)
+        return
     with session(deps.engine) as s:
         a = s.exec(select(Adapter).where(Adapter.name == name)).one()
         a.status = "rejected"

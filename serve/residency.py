@@ -18,7 +18,8 @@ from typing import TypeVar
 from sqlalchemy.engine import Engine
 
 from serve import adapters
-from serve.client import VLLMClient, VLLMError
+from serve.adapters import AdapterError
+from serve.client import VLLMClient, VLLMError, VLLMUnavailable
 from settings import Settings
 
 log = logging.getLogger(__name__)
@@ -35,19 +36,23 @@ class Residency:
         self._busy: set[str] = set()  # versions the background is loading or unloading right now
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="residency")
         self._last: Future | None = None
+        self._closed = threading.Event()
 
-    def flip(self, target: str | None, change: Callable[[], T]) -> T:
-        """Run a promotion or rollback to `target`, then settle in the background what it changed."""
+    def flip(self, target: Callable[[], str | None], change: Callable[[], T]) -> T:
+        """Run a promotion, rollback or reload onto the version `target()` names (read under the lock, so
+        two flips at once cannot aim at a stale one), then settle in the background what it changed."""
         with self._cv:
-            self._cv.wait_for(lambda: target not in self._busy, 300)  # never flip onto a half-unloaded version
+            if not self._cv.wait_for(lambda: target() not in self._busy, 300):  # never onto a half-unloaded version
+                raise AdapterError(f"version {target()!r} is still being loaded or unloaded in vLLM; try again")
             before = set(adapters.resident(self.engine))
             result = change()
             self._last = self._worker.submit(self._settle, before)
         return result
 
-    def refresh(self) -> None:
-        """Load in the background whatever of the live and previous versions vLLM lacks (after a restart)."""
-        self._last = self._worker.submit(self._settle, set())
+    def close(self) -> None:
+        """At shutdown: drop queued work and stop waiting on drains (vLLM stops next)."""
+        self._closed.set()
+        self._worker.shutdown(wait=False, cancel_futures=True)
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until the background work queued so far is done (tests, shutdown)."""
@@ -56,34 +61,49 @@ class Residency:
 
     def _settle(self, before: set[str]) -> None:
         try:
-            for name in sorted(before - set(adapters.resident(self.engine))):
-                self._retire(name)
-            for name in adapters.resident(self.engine):  # what a rollback returns to, loaded now so it is instant
-                self._in_flight(name, lambda n=name: adapters.bring_up(self.client, adapters.get(self.engine, n), self.settings))
+            dropped = sorted(before - set(adapters.resident(self.engine)))
+            keep = adapters.resident(self.engine)
         except Exception:
-            log.exception("settling vLLM's loaded versions failed; promotion and rollback still work, "
-                          "a version not loaded is loaded in the call instead")
+            log.exception("could not read the deployment log; vLLM's loaded versions are left as they are")
+            return
+        for name in dropped:
+            self._each(name, self._retire)
+        for name in keep:  # what a rollback returns to, loaded now so it is instant
+            self._each(name, lambda n: self._in_flight(
+                n, lambda: adapters.bring_up(self.client, adapters.get(self.engine, n), self.settings)))
+
+    def _each(self, name: str, act: Callable[[str], None]) -> None:
+        try:
+            act(name)
+        except Exception:  # one version's failure leaves the others to be settled
+            log.exception("settling %s in vLLM failed; promotion and rollback still work (a version vLLM lacks is "
+                          "loaded in the call)", name)
 
     def _retire(self, name: str) -> None:
         """Unload a version nothing points at, once no request is on it. The check is made under the
         flip lock and the version marked busy, so no flip can make it active until the unload is done;
         a request counts itself on a version only while it is active, so none can start on it either."""
-        while True:
-            self.drain(name, 120)  # wait outside the lock: promotions go on meanwhile
+        waited = 0
+        while not self._closed.is_set():
+            if not self.drain(name, 5):  # wait outside the lock: promotions go on meanwhile
+                waited += 5
+                if waited % 120 == 0:
+                    log.warning("%s still has answers streaming after %d s; it is unloaded when they end", name, waited)
+                continue
             with self._cv:
                 if name in adapters.resident(self.engine):
                     return  # promoted again while it drained: keep it
                 if not self.drain(name, 0):
                     continue  # a request that read it just before the flip is still running
                 self._busy.add(name)
-            break
-        self._in_flight(name, lambda: self._unload(name), marked=True)
+            self._in_flight(name, lambda: self._unload(name), marked=True)
+            return
 
     def _unload(self, name: str) -> None:
         try:
             self.client.unload_adapter(name)
-        except VLLMError:
-            pass  # already gone (a vLLM restart): nothing to free
+        except (VLLMError, VLLMUnavailable):
+            pass  # already gone (a vLLM restart) or vLLM is down: nothing to free
 
     def _in_flight(self, name: str, call: Callable[[], None], marked: bool = False) -> None:
         """Run a vLLM call on `name` outside the lock, with the version marked busy meanwhile."""

@@ -49,11 +49,11 @@ class Services:
 
     # One step each: the version switched to is already loaded; draining and unloading follow in the background.
     def promote(self, name: str) -> None:
-        self.residency.flip(name, lambda: adapters.promote(self.engine, self.vllm, self.settings, name))
+        self.residency.flip(lambda: name, lambda: adapters.promote(self.engine, self.vllm, self.settings, name))
 
     def rollback(self) -> str | None:
-        back = next(iter(adapters.resident(self.engine)[1:]), None)
-        return self.residency.flip(back, lambda: adapters.rollback(self.engine, self.vllm, self.settings))
+        return self.residency.flip(lambda: next(iter(adapters.resident(self.engine)[1:]), None),
+                                   lambda: adapters.rollback(self.engine, self.vllm, self.settings))
 
     def cycle_deps(self, on_event: cycle.Event = lambda e: None) -> cycle.Deps:
         """A cycle's dependencies: this service's vLLM and store, and its one-step promotion."""
@@ -78,9 +78,9 @@ class Services:
     def reload_active(self) -> str | None:
         """After vLLM (re)starts: the zero adapter, if base traffic uses one, then the active version."""
         zero_adapter.ensure(self.vllm, self.settings, self.base_model)
-        name = adapters.reload_active(self.engine, self.vllm, self.settings)
-        self.residency.refresh()  # the previous version too, so a rollback stays instant
-        return name
+        # Through a flip, so it never races the background on the same version; its settle loads the previous one.
+        return self.residency.flip(lambda: adapters.active(self.engine),
+                                   lambda: adapters.reload_active(self.engine, self.vllm, self.settings))
 
 
 def build(settings: Settings, engine: Engine, client: VLLMClient, base_model: str) -> Services:

@@ -3,6 +3,7 @@ httpx.MockTransport that answers with the bodies vLLM 0.x sends (its ErrorRespon
 its plain-text adapter replies). Our own code runs for real; only the network is replaced."""
 
 import json
+import threading
 
 import httpx
 import pytest
@@ -173,11 +174,13 @@ class FakeVLLM:
         self.loaded = dict(loaded or {})
         self.probe_fails = probe_fails
         self.calls: list[tuple[str, str]] = []
+        self.threads: list[str] = []  # which thread made each call
         self.client = answering(self.respond)
 
     def respond(self, request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content) if request.content else {}
         self.calls.append((request.url.path, body.get("lora_name") or body.get("model", "")))
+        self.threads.append(threading.current_thread().name)
         if request.url.path == "/v1/models":
             return httpx.Response(200, json={"data": [{"id": n, "root": p} for n, p in self.loaded.items()]})
         if request.url.path == "/v1/load_lora_adapter":
@@ -215,25 +218,29 @@ def test_promotion_and_rollback_are_one_step_and_vllm_keeps_the_live_and_previou
     vllm = FakeVLLM()
     svc = build(settings, engine, vllm.client, str(tiny_model))
 
-    def to_model() -> list[tuple[str, str]]:  # everything but the models list, since the last call
-        calls = [c for c in vllm.calls if c[0] != "/v1/models"]
+    def calls(flip) -> tuple[list, list]:
+        """Run a flip; once the background is done, the calls to the model (all but the models list) that
+        the flip itself made, and those the background made."""
         vllm.calls.clear()
-        return calls
-
-    svc.promote("v-one")  # not loaded yet: loaded and probed in the call
-    assert to_model() == [("/v1/load_lora_adapter", "v-one"), ("/v1/chat/completions", "v-one")]
-    for candidate, dropped in (("v-two", None), ("v-three", "v-one")):
-        adapters.ensure_loaded(vllm.client, adapters.get(engine, candidate))  # what the cycle's evaluation does
-        to_model()
-        svc.promote(candidate)
-        assert to_model() == [] and adapters.active(engine) == candidate  # validate, flip, return
+        vllm.threads.clear()
+        me = threading.current_thread().name
+        flip()
         svc.residency.wait(10)
-        assert to_model() == ([("/v1/unload_lora_adapter", dropped)] if dropped else [])
+        made = [(c, t == me) for c, t in zip(vllm.calls, vllm.threads, strict=True) if c[0] != "/v1/models"]
+        return [c for c, mine in made if mine], [c for c, mine in made if not mine]
+
+    # Not loaded yet: loaded and probed in the call.
+    assert calls(lambda: svc.promote("v-one")) == ([("/v1/load_lora_adapter", "v-one"), ("/v1/chat/completions", "v-one")], [])
+    for candidate, dropped in (("v-two", []), ("v-three", [("/v1/unload_lora_adapter", "v-one")])):
+        adapters.ensure_loaded(vllm.client, adapters.get(engine, candidate))  # what the cycle's evaluation does
+        # The call validates, flips and returns; what dropped out is unloaded in the background.
+        assert calls(lambda c=candidate: svc.promote(c)) == ([], dropped) and adapters.active(engine) == candidate
     assert set(vllm.loaded) == {"v-two", "v-three"}
 
-    assert svc.rollback() == "v-two" and to_model() == []  # the previous version was held: instant too
-    svc.residency.wait(10)
-    assert to_model() == [("/v1/unload_lora_adapter", "v-three"), ("/v1/load_lora_adapter", "v-one"),
+    back: list = []
+    mine, background = calls(lambda: back.append(svc.rollback()))
+    assert back == ["v-two"] and mine == []  # the previous version was held: instant too
+    assert background == [("/v1/unload_lora_adapter", "v-three"), ("/v1/load_lora_adapter", "v-one"),
                           ("/v1/chat/completions", "v-one")]  # v-one is what the next rollback returns to
     assert set(vllm.loaded) == {"v-one", "v-two"}
 
