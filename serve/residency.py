@@ -55,22 +55,22 @@ class Residency:
         self._worker.shutdown(wait=False, cancel_futures=True)
 
     def wait(self, timeout: float | None = None) -> None:
-        """Block until the background work queued so far is done (tests, shutdown)."""
+        """Block until the background work queued so far is done (tests)."""
         if self._last is not None:
             self._last.result(timeout)
 
     def _settle(self, before: set[str]) -> None:
         try:
-            dropped = sorted(before - set(adapters.resident(self.engine)))
             keep = adapters.resident(self.engine)
+            held = {m["id"] for m in self.client.models()}
         except Exception:
-            log.exception("could not read the deployment log; vLLM's loaded versions are left as they are")
+            log.exception("could not read the deployment log or vLLM's models; its loaded versions are left as they are")
             return
-        for name in dropped:
+        for name in sorted(before - set(keep)):
             self._each(name, self._retire)
-        for name in keep:  # what a rollback returns to, loaded now so it is instant
-            self._each(name, lambda n: self._in_flight(
-                n, lambda: adapters.bring_up(self.client, adapters.get(self.engine, n), self.settings)))
+        for name in keep:  # what a rollback returns to, loaded now so that it is instant
+            if name not in held:
+                self._each(name, self._load)
 
     def _each(self, name: str, act: Callable[[str], None]) -> None:
         try:
@@ -78,6 +78,11 @@ class Residency:
         except Exception:  # one version's failure leaves the others to be settled
             log.exception("settling %s in vLLM failed; promotion and rollback still work (a version vLLM lacks is "
                           "loaded in the call)", name)
+
+    def _load(self, name: str) -> None:
+        with self._cv:
+            self._busy.add(name)
+        self._unmark_after(name, lambda: adapters.bring_up(self.client, adapters.get(self.engine, name), self.settings))
 
     def _retire(self, name: str) -> None:
         """Unload a version nothing points at, once no request is on it. The check is made under the
@@ -96,7 +101,7 @@ class Residency:
                 if not self.drain(name, 0):
                     continue  # a request that read it just before the flip is still running
                 self._busy.add(name)
-            self._in_flight(name, lambda: self._unload(name), marked=True)
+            self._unmark_after(name, lambda: self._unload(name))
             return
 
     def _unload(self, name: str) -> None:
@@ -105,11 +110,8 @@ class Residency:
         except (VLLMError, VLLMUnavailable):
             pass  # already gone (a vLLM restart) or vLLM is down: nothing to free
 
-    def _in_flight(self, name: str, call: Callable[[], None], marked: bool = False) -> None:
-        """Run a vLLM call on `name` outside the lock, with the version marked busy meanwhile."""
-        if not marked:
-            with self._cv:
-                self._busy.add(name)
+    def _unmark_after(self, name: str, call: Callable[[], None]) -> None:
+        """Run a vLLM call on a version marked busy, outside the lock, then wake flips waiting on it."""
         try:
             call()
         finally:

@@ -23,10 +23,6 @@ NAME = "_base-zero-lora"  # starts with '_', so no registered version can ever t
 RANK = 8
 
 
-def wanted(settings: Settings) -> bool:
-    return base_via_zero_adapter(settings)
-
-
 def build(settings: Settings, base_model: str) -> Path:
     """Write the zero adapter for base_model once (the directory is keyed by the model's name)."""
     import torch
@@ -58,7 +54,7 @@ def build(settings: Settings, base_model: str) -> Path:
 
 def route(settings: Settings) -> str:
     """The model name to ask vLLM for when the base model should answer."""
-    return NAME if wanted(settings) else served_name(settings)
+    return NAME if base_via_zero_adapter(settings) else served_name(settings)
 
 
 def ensure(client, settings: Settings, base_model: str) -> str:
