@@ -10,6 +10,11 @@ durable (SQLite's WAL; PostgreSQL works the same, with fewer lock waits to save)
 If one unit of a group raises, the group rolls back and each unit runs again alone in its own
 transaction, so a bad request gets its own error and never takes its neighbours' writes with it.
 Units must therefore only touch the session: no effects outside the database.
+
+A unit may name a `prepare(session, items)` hook with an item: before a group runs, each hook is
+called once with the items of its units, so that it can load in one query the rows they will read
+(feedback loads the rated messages and their records). Units must still work without it: one that
+runs alone, after its group failed, is not prepared.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -28,7 +34,16 @@ from data_store.db import session
 
 T = TypeVar("T")
 Unit = Callable[[Session], T]
+Prepare = Callable[[Session, list[Any]], None]
 MAX_GROUP = 256  # bounds one transaction's size and the wait of the last unit in it
+
+@dataclass(slots=True)
+class _Queued:
+    unit: Unit
+    fut: Future
+    prepare: Prepare | None
+    item: Any
+
 
 class GroupWriter:
     def __init__(self, engine: Engine, max_group: int = MAX_GROUP):
@@ -36,12 +51,12 @@ class GroupWriter:
         self.max_group = max_group
         self.groups = 0  # commits made, and units committed: how well grouping works
         self.units = 0
-        self._queue: queue.SimpleQueue[tuple[Unit, Future] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Queued | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def submit(self, unit: Unit[T]) -> Future[T]:
+    def submit(self, unit: Unit[T], prepare: Prepare | None = None, item: Any = None) -> Future[T]:
         """Queue one unit; its future holds the unit's result once committed, or the unit's error."""
         fut: Future[T] = Future()
         with self._lock:
@@ -50,7 +65,7 @@ class GroupWriter:
             if self._thread is None:  # started on first use, so building Services starts no thread
                 self._thread = threading.Thread(target=self._loop, name="tuneloop-writer", daemon=True)
                 self._thread.start()
-            self._queue.put((unit, fut))
+            self._queue.put(_Queued(unit, fut, prepare, item))
         return fut
 
     def run(self, unit: Unit[T]) -> T:
@@ -81,32 +96,38 @@ class GroupWriter:
                     stop = True
                 else:
                     group.append(item)
-            group = [(u, f) for u, f in group if f.set_running_or_notify_cancel()]
+            group = [q for q in group if q.fut.set_running_or_notify_cancel()]
             try:
                 if group:
                     self._commit(group)
             except BaseException as e:  # noqa: B036 - never leave a caller waiting, and keep the thread alive
-                for _, fut in group:
-                    if not fut.done():
-                        fut.set_exception(e)
+                for q in group:
+                    if not q.fut.done():
+                        q.fut.set_exception(e)
             if stop:
                 return
 
-    def _commit(self, group: list[tuple[Unit, Future]]) -> None:
+    def _commit(self, group: list[_Queued]) -> None:
         if len(group) == 1:
-            self._alone(*group[0])
+            self._alone(group[0].unit, group[0].fut)
             return
         try:
             with session(self.engine) as s:
-                results = [unit(s) for unit, _ in group]
+                hooks: dict[Prepare, list[Any]] = {}
+                for q in group:
+                    if q.prepare is not None:
+                        hooks.setdefault(q.prepare, []).append(q.item)
+                for prepare, items in hooks.items():
+                    prepare(s, items)
+                results = [q.unit(s) for q in group]
         except BaseException:  # noqa: B036 - find the one that failed: each alone, in order
-            for unit, fut in group:
-                self._alone(unit, fut)
+            for q in group:
+                self._alone(q.unit, q.fut)
             return
         self.groups += 1
         self.units += len(group)
-        for (_, fut), result in zip(group, results, strict=True):
-            fut.set_result(result)
+        for q, result in zip(group, results, strict=True):
+            q.fut.set_result(result)
 
     def _alone(self, unit: Unit, fut: Future) -> None:
         for attempt in range(2):

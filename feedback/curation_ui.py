@@ -155,7 +155,7 @@ def keys_tab(services: Services, demo: gr.Blocks) -> None:
         if key_id is None:
             raise gr.Error("Enter the id of the key to revoke.")
         try:
-            row = identity.revoke_key(services.engine, int(key_id))
+            row = services.identities.revoke(int(key_id))
         except Refused as e:
             raise gr.Error(str(e)) from None
         return rows(), f"Key {row.id} of **{row.owner}** is revoked: its next request gets 401."

@@ -43,7 +43,25 @@ def submit(writer: GroupWriter, settings: Settings, message_id: int, *, rating: 
     """The same change queued on the writer: the fields are checked now (a FeedbackError raises here), the
     future resolves once the change is committed, or with the refusal found in the store."""
     check(rating, correction, comment, settings.max_input_chars)
-    return writer.submit(lambda s: upsert_in(s, settings, message_id, rating, correction, comment, author))
+    return writer.submit(lambda s: upsert_in(s, settings, message_id, rating, correction, comment, author),
+                         prepare=prepare, item=message_id)
+
+
+_KNOWN = "tuneloop.feedback"  # Session.info key: what `prepare` loaded for this group
+
+
+def prepare(s: Session, message_ids: list[int]) -> None:
+    """The writer's hook: three queries load every message a group rates, their conversations and their
+    existing feedback, instead of three per post. The lists keep the rows alive in the session's
+    identity map (which holds them weakly), so each unit's `s.get` finds them without a query."""
+    ids = sorted(set(message_ids))
+    messages = s.exec(select(Message).where(Message.id.in_(ids))).all()
+    conversations = s.exec(select(Conversation).where(
+        Conversation.id.in_({m.conversation_id for m in messages}))).all()
+    existing: dict[int, Feedback | None] = dict.fromkeys(ids)
+    for fb in s.exec(select(Feedback).where(Feedback.message_id.in_(ids))):
+        existing[fb.message_id] = fb
+    s.info[_KNOWN] = (messages, conversations, existing)
 
 
 def upsert_in(s: Session, settings: Settings, message_id: int, rating: Any, correction: Any, comment: Any,
@@ -56,9 +74,13 @@ def upsert_in(s: Session, settings: Settings, message_id: int, rating: Any, corr
                             "rate and correct answers you were given", status=403)
     if msg.role != "assistant":
         raise FeedbackError(f"message {message_id} is a {msg.role} message; feedback is for assistant answers")
-    fb = s.exec(select(Feedback).where(Feedback.message_id == message_id)).first()
+    known = s.info[_KNOWN][2] if _KNOWN in s.info else {}
+    fb = known[message_id] if message_id in known else s.exec(
+        select(Feedback).where(Feedback.message_id == message_id)).first()
     if fb is None:
         fb = Feedback(message_id=message_id, author=author[:128])
+        if _KNOWN in s.info:
+            known[message_id] = fb  # a second post on the same message in this group updates this record
     if rating is not UNSET:
         fb.rating = rating
     if correction is not UNSET:
@@ -68,8 +90,8 @@ def upsert_in(s: Session, settings: Settings, message_id: int, rating: Any, corr
         fb.comment = comment or None
     # Any change goes back to review; an approved example of the old version is withdrawn.
     curation.withdraw_in(s, fb, "pending")
-    s.flush()
     if curation.auto_approves(settings, fb):
+        s.flush()  # the example refers to the record's id; otherwise the group's commit flushes once
         try:
             curation.approve_in(s, settings, fb)
         except FeedbackError:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import secrets
+import time
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -113,13 +114,23 @@ def list_keys(engine: Engine) -> list[ApiKey]:
 
 
 def key_owner(engine: Engine, key: str) -> str:
+    return _key_row(engine, _hash(key))[0]
+
+
+def _key_row(engine: Engine, key_hash: str) -> tuple[str, int]:
     with session(engine) as s:
-        row = s.exec(select(ApiKey).where(ApiKey.key_hash == _hash(key))).first()
+        row = s.exec(select(ApiKey).where(ApiKey.key_hash == key_hash)).first()
         if row is None:
             raise Unidentified("unknown API key; ask a curator for one (`tuneloop keys issue USER`)")
         if row.revoked_at is not None:
             raise Unidentified(f"API key {row.id} was revoked on {row.revoked_at:%Y-%m-%d %H:%M}; ask a curator for a new one")
-        return row.owner
+        return row.owner, row.id
+
+
+# A valid key's owner is remembered this long, so that a busy client's requests do not each read the
+# store (and can be identified on the event loop). A key revoked through this service stops at once;
+# one revoked by another process (`tuneloop keys revoke`) stops within this time.
+KEY_RECHECK_S = 5.0
 
 
 class Identities:
@@ -130,6 +141,33 @@ class Identities:
                 raise ValueError(f"TUNELOOP_USERS: account {name[:40]!r} {problem}")
         self.signer = curators.signer
         self._proxies = [ipaddress.ip_network(p, strict=False) if _is_ip(p) else p for p in settings.proxies]
+        self._keys: dict[str, tuple[str, int, float]] = {}  # key hash -> owner, key id, when checked
+
+    # -- API keys --
+    def key_owner(self, key: str) -> str:
+        key_hash = _hash(key)
+        known = self._keys.get(key_hash)
+        if known is not None and time.monotonic() - known[2] < KEY_RECHECK_S:
+            return known[0]
+        owner, key_id = _key_row(self.engine, key_hash)  # raises for unknown and revoked keys: never cached
+        self._keys[key_hash] = (owner, key_id, time.monotonic())
+        return owner
+
+    def revoke(self, key_id: int) -> ApiKey:
+        row = revoke_key(self.engine, key_id)
+        for key_hash, (_, kid, _) in list(self._keys.items()):
+            if kid == key_id:
+                self._keys.pop(key_hash, None)
+        return row
+
+    def reads_store(self, request: Request) -> bool:
+        """Whether `identify` would query the store (an API key not checked lately); everything else it
+        decides from the request alone, so a caller on the event loop can call it directly."""
+        scheme, value = credentials(request)
+        if scheme != "bearer" or not value.startswith(KEY_PREFIX):
+            return False
+        known = self._keys.get(_hash(value))
+        return known is None or time.monotonic() - known[2] >= KEY_RECHECK_S
 
     # -- chat accounts --
     def login(self, user: str, password: str) -> str | None:
@@ -155,7 +193,7 @@ class Identities:
             raise Unidentified("unrecognized Authorization header; send 'Bearer <API key>' or HTTP Basic")
         if scheme == "bearer":
             if value.startswith(KEY_PREFIX):
-                return key_owner(self.engine, value)
+                return self.key_owner(value)
             if self.settings.admin_token and _same(value, self.settings.admin_token):
                 return ADMIN_USER
             raise Unidentified("unknown bearer token; send an API key a curator issued (`tuneloop keys issue USER`)")

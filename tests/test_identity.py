@@ -3,6 +3,8 @@ the sender is (an account, an API key, a trusted proxy's user, or an anonymous s
 the client sends; only the owner of a conversation rates or corrects its answers. Each attack gets a
 clear 4xx and stores nothing. The model server is a closed port: these requests never reach it."""
 
+import time
+
 from fastapi.testclient import TestClient
 from helpers import add_turn, serve_app
 from sqlmodel import select
@@ -82,6 +84,24 @@ def test_api_keys_are_issued_hashed_act_as_their_owner_and_revoke_at_once(settin
         assert c.delete("/api/curation/keys/999", auth=("cur", "pw")).status_code == 404
         # A key is not a curator credential.
         assert c.get("/api/curation/queue", headers={"Authorization": f"Bearer {key}"}).status_code == 401
+    assert len(feedback_rows(engine)) == 1
+
+
+def test_a_key_revoked_by_another_process_stops_within_the_recheck_time(settings, engine, monkeypatch):
+    """The service remembers a valid key's owner for KEY_RECHECK_S; a revocation it did not make itself
+    (`tuneloop keys revoke` is another process) is seen at the next check, and unknown keys are never remembered."""
+    monkeypatch.setattr(identity, "KEY_RECHECK_S", 0.5)
+    mid = add_turn(engine, author="ci-bot")
+    issued = identity.issue_key(engine, "ci-bot", "", by="cli")
+    auth = {"Authorization": f"Bearer {issued.key}"}
+    with app_for(settings, engine) as c:
+        assert rate(c, mid, headers=auth).status_code == 200
+        identity.revoke_key(engine, issued.id)  # as the CLI does: straight to the store
+        time.sleep(0.6)
+        r = rate(c, mid, headers=auth)
+        assert r.status_code == 401 and "revoked" in r.json()["error"]["message"]
+        for _ in range(2):  # refused every time: a refusal is not remembered as an identity
+            assert rate(c, mid, headers={"Authorization": "Bearer tl_unknown"}).status_code == 401
     assert len(feedback_rows(engine)) == 1
 
 

@@ -146,3 +146,68 @@ def test_a_unit_raising_base_exception_fails_alone_and_the_writer_lives_on(store
     assert feedback.submit(writer, settings, mids[4], rating="down", author="alice").result(timeout=30).rating == "down"
     writer.close()
     assert count(engine, Feedback) == 5
+
+
+def test_a_prepared_group_ends_as_the_same_changes_one_by_one(store):
+    """A group's feedback is prepared in three queries; repeated posts on one message, an update of an approved
+    record and a trusted author's auto-approval end exactly as the same posts committed one at a time."""
+    settings, engine = store
+    settings.trusted_authors = "trusty"
+    posts = lambda mids, trusted: [  # noqa: E731
+        (mids[0], dict(rating="up")), (mids[0], dict(correction="Paris.")), (mids[0], dict(rating="down")),
+        (mids[1], dict(rating="down", correction="It is Paris.")), (mids[2], dict(rating="up")),
+        (trusted, dict(rating="down", correction="Paris, of course.")), (mids[1], dict(comment="thanks")),
+    ]
+
+    def outcome(mids, trusted):
+        from data_store.models import Example
+
+        order = [*mids, trusted]
+        with session(engine) as s:
+            rows = {fb.message_id: fb for fb in s.exec(select(Feedback).where(Feedback.message_id.in_(order)))}
+            taught = {e.feedback_id for e in s.exec(select(Example).where(Example.source == "feedback"))}
+        return ([(order.index(m), f.rating, f.correction, f.comment, f.status) for m, f in sorted(rows.items())],
+                [order.index(m) for m, f in sorted(rows.items()) if f.id in taught])
+
+    results = []
+    for grouped in (False, True):
+        mids = [add_turn(engine, author="alice") for _ in range(3)]
+        trusted = add_turn(engine, author="trusty")
+        writer = GroupWriter(engine)
+        hold = threading.Event()
+        if grouped:
+            writer.submit(lambda s, hold=hold: hold.wait(10))
+        futures = []
+        for mid, change in posts(mids, trusted):
+            fut = feedback.submit(writer, settings, mid, author="trusty" if mid == trusted else "alice", **change)
+            if not grouped:
+                fut.result()
+            futures.append(fut)
+        hold.set()
+        assert [f.result(timeout=30).message_id for f in futures] == [m for m, _ in posts(mids, trusted)]
+        groups = writer.groups
+        writer.close()
+        results.append(outcome(mids, trusted))
+        if grouped:
+            assert groups <= 2  # the seven posts shared one commit (with the blocker, or after it): none ran alone
+    assert results[0] == results[1]
+    rows, approved = results[1]
+    assert rows[0][1:3] == ("down", "Paris.") and rows[3][-1] == "approved" and approved == [3]
+
+
+def test_prepare_hooks_run_once_per_group_with_every_item(store):
+    _, engine = store
+    seen: list[list[int]] = []
+
+    def record_items(s, items):
+        seen.append(items)
+
+    writer = GroupWriter(engine)
+    hold = threading.Event()
+    writer.submit(lambda s: hold.wait(10))
+    futures = [writer.submit(lambda s, i=i: i * 10, prepare=lambda s, items: seen.append(items), item=i) for i in range(2)]
+    futures += [writer.submit(lambda s, i=i: i * 10, prepare=record_items, item=i) for i in range(2, 6)]
+    hold.set()
+    assert [f.result(timeout=30) for f in futures] == [0, 10, 20, 30, 40, 50]
+    writer.close()
+    assert sorted(seen) == [[0], [1], [2, 3, 4, 5]]  # once per hook: two lambdas, and one function for four units
