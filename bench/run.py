@@ -74,6 +74,11 @@ def training_rows(r: dict) -> list[str]:
     rows = [f"| training | {label}: {c['tok_s']} tokens/s ({c['steps']} steps in {c['seconds']} s), "
             f"{c['achieved_flop_s'] / 1e9:.1f} GFLOP/s = {100 * c['of_peak']:.1f}% of the {peak:.0f} GFLOP/s fp32 matmul peak | |"
             for label, c in r["configs"].items()]
+    rows += [f"| training | steady state, {label}, {r['steady_examples']} rows: {c['steady_tok_s']} tokens/s after a first step "
+             f"of {c['first_step_s']} s = {100 * c['steady_of_peak']:.1f}% of peak at 4N FLOPs per token "
+             f"({100 * c.get('steady_done_of_peak', c['steady_of_peak']):.1f}% counting only the FLOPs done) "
+             f"| >= {100 * r['target_of_peak']:.0f}% |"
+             for label, c in r.get("steady", {}).items()]
     return rows + [f"| training | tuneloop / TRL defaults: {r['speedup_vs_trl_defaults']}x (/ TRL defaults in float32: "
                    f"{r.get('speedup_vs_trl_defaults_in_float32', 'n/a')}x), {load(r)} | >= {r['target_speedup']}x |"]
 

@@ -70,6 +70,86 @@ def sft_config(spec: TrainSpec, gpu: bool, has_val: bool, steps_per_epoch: int, 
     ), **overrides})
 
 
+def sft_trainer(gpu: bool):
+    """TRL's SFTTrainer; on CPU, the same trainer with a loss and an attention made for the CPU.
+
+    SFTTrainer computes its loss through a fused LM head that scores the vocabulary in tiles so that
+    the full logits are never held (a memory saving meant for GPUs, where it runs in Triton). Without
+    Triton the tiles are folded by torch ops, with the entropy and top-1 statistics it logs, and the
+    backward scores them again: 45% of a LoRA step on the 2-core CPU (bench/training.py). On CPU the
+    LM head runs instead only on the positions that have a label (the answer's tokens: the prompt's
+    logits are never needed), and the loss is the same sum of token NLLs over the same count. The
+    entropy and token-accuracy log entries are not computed then; loss and eval_loss are unchanged.
+    Padding-free batches get packed_attention (below)."""
+    from trl import SFTTrainer
+
+    if gpu:
+        return SFTTrainer
+
+    class CPUSFTTrainer(SFTTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if self.args.padding_free:
+                self.model.set_attn_implementation(register_packed_attention())
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return label_loss(model, inputs, num_items_in_batch, return_outputs)
+
+    return CPUSFTTrainer
+
+
+def label_loss(model, inputs, num_items_in_batch, return_outputs: bool):
+    """Causal-LM loss with logits only where a next token has a label: position i predicts token i+1.
+    Padding-free rows start with label -100, so no row's last token predicts the next row's first."""
+    import torch
+    import torch.nn.functional as F
+
+    labels = inputs["labels"]
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    keep = (targets != -100).any(0).nonzero().flatten()
+    outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False, logits_to_keep=keep)
+    kept = targets[:, keep]
+    count = num_items_in_batch if num_items_in_batch is not None else (kept != -100).sum()
+    loss = F.cross_entropy(outputs.logits.flatten(0, 1).float(), kept.flatten(), ignore_index=-100,
+                           reduction="sum") / torch.as_tensor(count).clamp(min=1)
+    return (loss, outputs) if return_outputs else loss
+
+
+PACKED = "tuneloop_packed_sdpa"
+
+
+def packed_attention(module, query, key, value, attention_mask, position_ids=None, **kwargs):
+    """SDPA over each row of a padding-free batch on its own, causal within the row.
+
+    transformers runs a padding-free batch (rows laid end to end, positions restarting at 0) as one
+    sequence under a block-diagonal mask, so attention costs the square of the whole batch's length:
+    21% of a LoRA step on the 2-core CPU. Row by row it costs the sum of the rows' squares. Anything
+    else (a padded batch, as DPO and KTO use) goes to transformers' SDPA unchanged."""
+    import torch
+    import torch.nn.functional as F
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    starts = [] if position_ids is None or query.shape[0] != 1 or key.shape[2] != query.shape[2] else \
+        (position_ids[0] == 0).nonzero().flatten().tolist()
+    if len(starts) < 2 or starts[0] != 0:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    sizes = [b - a for a, b in zip(starts, [*starts[1:], query.shape[2]], strict=True)]
+    # split, not slices: the backward of a split is one cat, that of each slice a zero-filled full copy
+    out = torch.cat([F.scaled_dot_product_attention(q, k, v, dropout_p=kwargs.get("dropout", 0.0), scale=kwargs.get("scaling"),
+                                                    is_causal=True, enable_gqa=True)
+                     for q, k, v in zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2), strict=True)], dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_packed_attention() -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(PACKED, packed_attention)
+    AttentionMaskInterface.register(PACKED, sdpa_mask)  # the mask padded batches still need
+    return PACKED
+
+
 def batching(longest_row: int, max_length: int) -> dict:
     """Padding-free batches (no pad tokens computed; bench/training.py measures the gain) when no
     row needs truncating: TRL enforces max_length only on padded or packed batches."""
@@ -93,8 +173,6 @@ def train(spec: TrainSpec) -> Path:
     import torch
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, TrainerCallback
-    from trl import SFTTrainer
-
     c = spec.config
     if c.method not in ("lora", "qlora"):
         raise SystemExit(f"TUNELOOP_TRAIN__METHOD={c.method!r}: only lora and qlora produce an adapter vLLM can hot-swap")
@@ -131,8 +209,8 @@ def train(spec: TrainSpec) -> Path:
     callbacks = [Progress()]
     if has_val:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=c.early_stopping_patience))
-    trainer = SFTTrainer(model=model, args=config, train_dataset=data["train"], eval_dataset=data["val"] if has_val else None,
-                         processing_class=tok, peft_config=lora, callbacks=callbacks)
+    trainer = sft_trainer(gpu)(model=model, args=config, train_dataset=data["train"], eval_dataset=data["val"] if has_val else None,
+                               processing_class=tok, peft_config=lora, callbacks=callbacks)
     trainer.train()
     model = trainer.model
     if c.preference_stage != "none" and spec.preference_file:

@@ -2,7 +2,7 @@
 
 GGUF is written with the `gguf` package (no llama.cpp build): Llama-architecture models, the tensors
 renamed with gguf's own name map and q/k permuted to GGML's rotary layout as llama.cpp's converter
-does, the BPE vocabulary, merges, special tokens and chat template included. F32 or F16.
+does, the BPE vocabulary (special tokens CONTROL-typed), merges and chat template included. F32 or F16.
 """
 
 from __future__ import annotations
@@ -47,6 +47,13 @@ def _permute(w, n_head: int):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _special_ids(model_dir: Path) -> list[int]:
+    """The tokenizer's added special tokens (<|im_start|>, <|im_end|>, <|endoftext|>, ...): llama.cpp wants
+    them CONTROL-typed, as its own converter types them, or it warns and re-types them at every load."""
+    added = json.loads((model_dir / "tokenizer.json").read_text()).get("added_tokens") or []
+    return [t["id"] for t in added if t.get("special")]
+
+
 def to_gguf(model_dir: Path, out_file: Path, dtype: str = "f16") -> Path:
     import gguf
     import numpy as np
@@ -81,6 +88,8 @@ def to_gguf(model_dir: Path, out_file: Path, dtype: str = "f16") -> Path:
     for text, _score, ttype in vocab.all_tokens():
         tokens.append(text)
         toktypes.append(ttype)
+    for i in _special_ids(model_dir):  # in the main vocabulary, so BpeVocab typed them NORMAL
+        toktypes[i] = gguf.TokenType.CONTROL
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("smollm" if "smollm" in model_dir.name.lower() else "default")
     w.add_token_list(tokens)

@@ -48,3 +48,45 @@ def test_merge_refuses_a_non_empty_target(tiny_model, exported):
     adapter, merged_dir = exported
     with pytest.raises(ExportError, match="not empty"):
         merge(str(tiny_model), str(adapter), merged_dir)
+
+
+@pytest.mark.integration
+def test_the_gguf_export_runs_in_llama_cpp_with_transformers_greedy_tokens(default_model, tmp_path, capfd):
+    """The f16 GGUF of the default model, exported as `tuneloop export --gguf` writes it, loaded in llama.cpp
+    itself (the prebuilt xllamacpp wheel): the same greedy tokens as transformers on the merged weights, on a
+    chat-templated prompt and on plain text; and llama.cpp does not re-type any special token as CONTROL."""
+    import gguf
+    import xllamacpp
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged = merge(default_model, None, tmp_path / "merged")
+    out = to_gguf(merged, tmp_path / "model.gguf", "f16")
+    reader = gguf.GGUFReader(out)
+    types = reader.fields["tokenizer.ggml.token_type"]
+    tok = AutoTokenizer.from_pretrained(merged)
+    specials = [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")]
+    assert all(int(types.parts[types.data[i]][0]) == gguf.TokenType.CONTROL for i in specials)
+
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
+                                       return_dict=True)["input_ids"]
+               for q in ("What is the capital of France?", "Name three colours of the rainbow.")]
+    prompts.append(tok("The largest planet in the solar system is")["input_ids"])
+    hf = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    params = xllamacpp.CommonParams()
+    params.model.path = str(out)
+    params.n_ctx, params.n_parallel, params.n_gpu_layers, params.warmup = 512, 1, 0, False
+    params.cpuparams.n_threads = params.cpuparams_batch.n_threads = 2
+    server = xllamacpp.Server(params)  # in process; its HTTP listener is on loopback, unused here
+    try:
+        for ids in prompts:
+            want = hf.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
+            # ids, not text, so that llama.cpp tokenizes nothing and adds no BOS; ignore_eos as min_new_tokens does
+            r = server.handle_completions({"prompt": ids, "max_tokens": 16, "temperature": 0.0, "top_k": 1, "logprobs": 1,
+                                           "ignore_eos": True, "cache_prompt": False})
+            got = [t["id"] for t in r["choices"][0]["logprobs"]["content"]]
+            assert got == want, (tok.decode(ids), tok.decode(got), tok.decode(want))
+    finally:
+        del server
+    logged = capfd.readouterr().err
+    assert "load" in logged or "srv" in logged  # llama.cpp's log was captured: the check below can fail
+    assert "not control-type" not in logged

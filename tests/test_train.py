@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from retrain.train import EVENT, TrainSpec, lora_config, sft_config
+from retrain.train import EVENT, TrainSpec, batching, lora_config, sft_config, sft_trainer
 from serve import adapters
 from settings import TrainConfig
 
@@ -58,13 +58,12 @@ def test_lora_training_moves_only_the_lora_weights(tiny_model, tmp_path):
     import torch
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTTrainer
 
     spec = TrainSpec(base_model=str(tiny_model), train_file=data(tmp_path / "train.jsonl", 16), val_file=None,
                      out_dir=str(tmp_path / "out"),
                      config=TrainConfig(r=4, lora_alpha=8, num_train_epochs=2, per_device_train_batch_size=4, learning_rate=1e-2,
                                         max_length=64))
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(spec.base_model, dtype=torch.float32),
+    trainer = sft_trainer(gpu=False)(model=AutoModelForCausalLM.from_pretrained(spec.base_model, dtype=torch.float32),
                          args=sft_config(spec, gpu=False, has_val=False, steps_per_epoch=4),
                          train_dataset=load_dataset("json", data_files=spec.train_file, split="train"),
                          processing_class=AutoTokenizer.from_pretrained(spec.base_model), peft_config=lora_config(spec.config))
@@ -75,6 +74,70 @@ def test_lora_training_moves_only_the_lora_weights(tiny_model, tmp_path):
     for name, old in before.items():
         moved = not torch.equal(old, trainer.model.get_parameter(name))
         assert moved == (name in lora), f"{name} {'moved' if moved else 'did not move'}"
+
+
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_the_cpu_trainer_has_trls_loss_and_gradients(tiny_model, tmp_path, padding_free):
+    """On CPU the LM head runs only where there is a label, and a padding-free batch's attention row by row
+    (retrain.train.sft_trainer): on the same batches, padding-free or padded, the loss and the LoRA gradients
+    are TRL's own (its fused LM head, transformers' SDPA over the whole batch under its block mask)."""
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTTrainer
+
+    from retrain.train import PACKED
+
+    spec = TrainSpec(base_model=str(tiny_model), train_file=data(tmp_path / "train.jsonl", 8, long_answer=3), val_file=None,
+                     out_dir=str(tmp_path / "out"), config=TrainConfig(r=4, lora_alpha=8, lora_dropout=0.0,  # the forwards must match
+                                        per_device_train_batch_size=4, max_length=64))
+    rows = load_dataset("json", data_files=spec.train_file, split="train")
+    tok = AutoTokenizer.from_pretrained(spec.base_model)
+    args = sft_config(spec, gpu=False, has_val=False, steps_per_epoch=2, **(batching(40, 64) if padding_free else {}))
+    assert args.padding_free == padding_free
+    model = AutoModelForCausalLM.from_pretrained(spec.base_model, dtype=torch.float32, attn_implementation="sdpa")
+    ours = sft_trainer(gpu=False)(model=model, args=args, train_dataset=rows, processing_class=tok, peft_config=lora_config(spec.config))
+    trl = SFTTrainer(model=ours.model, args=args, train_dataset=rows, processing_class=tok)  # the same PEFT model
+    assert type(ours) is not SFTTrainer and isinstance(ours, SFTTrainer)
+    ours_attention = PACKED if padding_free else "sdpa"
+    assert ours.model.config._attn_implementation == ours_attention
+    with torch.no_grad():  # LoRA B starts at zero; move it so that the adapter's gradients all flow
+        for name, p in ours.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    batches = list(ours.get_train_dataloader())
+    assert padding_free == (batches[0]["input_ids"].shape[0] == 1)  # rows laid end to end, or padded
+    for batch in batches:
+        found = []
+        for trainer, attention in ((ours, ours_attention), (trl, "sdpa")):
+            trainer.model.set_attn_implementation(attention)
+            trainer.model.zero_grad()
+            n = (batch["labels"][:, 1:] != -100).sum()
+            loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=n)
+            loss.backward()
+            found.append((loss.item(), {k: p.grad.clone() for k, p in trainer.model.named_parameters() if p.requires_grad}))
+        (a, grads_a), (b, grads_b) = found
+        assert a == pytest.approx(b, rel=1e-4)
+        assert grads_a.keys() == grads_b.keys() and all(torch.allclose(grads_a[k], grads_b[k], rtol=1e-3, atol=1e-6) for k in grads_a)
+        assert all(g.abs().sum() > 0 for g in grads_a.values())
+
+
+def test_packed_attention_is_sdpa_under_the_block_mask():
+    """Row by row equals one SDPA over the batch with each row attending causally to itself only."""
+    import torch
+    import torch.nn.functional as F
+
+    from retrain.train import packed_attention
+
+    torch.manual_seed(0)
+    lengths = [5, 1, 9, 3]
+    q, k, v = torch.randn(1, 4, 18, 8), torch.randn(1, 2, 18, 8), torch.randn(1, 2, 18, 8)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    row = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    mask = (row[:, None] == row[None, :]) & (positions[0][:, None] >= positions[0][None, :])
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2)
+    got, _ = packed_attention(torch.nn.Module(), q, k, v, None, position_ids=positions, scaling=None)
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6)
 
 
 def test_a_row_longer_than_max_length_falls_back_to_padded_batches_that_cut_it(tiny_model, tmp_path, settings):
