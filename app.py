@@ -93,7 +93,8 @@ def serve(host: str | None = typer.Option(None, help="Override TUNELOOP_HOST."),
         typer.echo(f"Starting vLLM on {settings.served_vllm_url} (about a minute on CPU)...")
         services.supervisor.start()
     else:
-        services.reload_active()
+        services.watch_external()
+        typer.echo(f"Using the external vLLM at {settings.served_vllm_url}: {services.supervisor.state}")
     scheduler = services.start_scheduler()
     # The base model's layer shapes, which every adapter is validated against: read once now, not in
     # the first promotion's call (importing the model class takes seconds).

@@ -99,6 +99,8 @@ class Settings(BaseSettings):
     vllm_mode: Literal["spawn", "external"] = Field("spawn", description="`spawn` supervises a local vLLM child process; `external` uses "
                                                                          "the server at VLLM_URL.")
     vllm_url: str = Field("", description="Base URL of an external vLLM OpenAI server (vllm_mode=external), e.g. http://gpu-host:8000.")
+    vllm_watch_s: float = Field(5.0, gt=0, description="How often an external vLLM is checked for having lost the active version "
+                                "(a restart), which is then loaded again.")
     vllm_port: int = Field(8100, ge=1, le=65535, description="Loopback port of the spawned vLLM server.")
     vllm_extra_args: str = Field("", description="Extra command-line flags for the spawned vLLM server, e.g. `--tensor-parallel-size 2`.")
     vllm_startup_timeout_s: float = Field(600, gt=0, description="How long to wait for vLLM to become healthy.")
@@ -136,6 +138,10 @@ class Settings(BaseSettings):
     schedule: str = Field("0 2 * * *", description="Cron expression for the nightly retrain cycle.")
     train: TrainConfig = Field(
         default_factory=TrainConfig, description="Fine-tuning: TUNELOOP_TRAIN__<FIELD>, or [train] in tuneloop.toml.")
+    accelerate_processes: int = Field(1, ge=1, description="Training processes: above 1 the training child is started with "
+                                      "`accelerate launch` (DDP, one process per GPU); needs that many GPUs.")
+    accelerate_config: str = Field("", description="An `accelerate config` file for the training child (then always started "
+                                   "through `accelerate launch`); empty: accelerate's defaults.")
     split_ratios: tuple[float, float, float] = Field(
         (0.8, 0.1, 0.1), description="Train/val/test shares, as a JSON list; a prompt's split is frozen the first time it is seen."
     )

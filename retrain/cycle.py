@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
-import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from data_store.models import Adapter, EvalResult, Example, TrainingRun, now
 from retrain import dataset, evaluate, examples, export, gate
 from retrain.evaluate import Case, Scored, Scorer, nll_for
 from retrain.runs import update
-from retrain.train import EVENT, TrainSpec
+from retrain.train import EVENT, TrainSpec, launch_command
 from serve import adapters
 from serve.client import VLLMClient
 from settings import Settings
@@ -168,6 +167,12 @@ def write(deps: Deps, run: Run, data: Data) -> Files:
     return files
 
 
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def train(deps: Deps, run: Run, files: Files) -> list[dict]:
     """Run retrain.train in a child process: a crash or OOM there leaves the service untouched."""
     spec = TrainSpec(base_model=deps.base_model, train_file=str(files.train), val_file=str(files.val) if files.val else None,
@@ -175,8 +180,9 @@ def train(deps: Deps, run: Run, files: Files) -> list[dict]:
                      config=deps.settings.train)
     spec.dump(run.workdir / "spec.json")
     history: list[dict] = []
-    proc = subprocess.Popen([sys.executable, "-m", "retrain.train", str(run.workdir / "spec.json")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    s = deps.settings
+    command = launch_command(run.workdir / "spec.json", s.accelerate_processes, s.accelerate_config, gpu_count())
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run.log.append(f"training pid {proc.pid}")
     update(deps.engine, run.id, log=run.log[-1])
     for line in proc.stdout:

@@ -10,6 +10,7 @@ The adapter is saved to OUT/adapter; the parent registers it (metadata last, ato
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,8 +43,27 @@ class TrainSpec(BaseModel):
 EVENT = "TUNELOOP_EVENT "  # marks progress lines among whatever else the libraries print
 
 
+def main_process() -> bool:
+    """Under `accelerate launch` every process trains; one reports and saves (RANK is set by the launcher)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def emit(**event) -> None:
-    print(EVENT + json.dumps(event), flush=True)
+    if main_process():
+        print(EVENT + json.dumps(event), flush=True)
+
+
+def launch_command(spec_file: Path, processes: int, accelerate_config: str, gpus: int) -> list[str]:
+    """How the cycle starts this module: plain Python for one process (CPU, one GPU), else through
+    `accelerate launch` (DDP over `processes` GPUs, or what the accelerate config file says)."""
+    if processes > 1 and gpus < processes:
+        raise ValueError(f"TUNELOOP_ACCELERATE_PROCESSES={processes} needs {processes} GPUs and this host has {gpus}; "
+                         "set it to 1 (one process uses every CPU core) or run on a host with the GPUs")
+    if processes == 1 and not accelerate_config:
+        return [sys.executable, "-m", "retrain.train", str(spec_file)]
+    how = ["--config_file", accelerate_config] if accelerate_config else ["--multi_gpu"] * (processes > 1)
+    return [sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", str(processes),
+            "-m", "retrain.train", str(spec_file)]
 
 
 def sft_config(spec: TrainSpec, gpu: bool, has_val: bool, steps_per_epoch: int, **overrides):
@@ -216,7 +236,8 @@ def train(spec: TrainSpec) -> Path:
     if c.preference_stage != "none" and spec.preference_file:
         model = preference_stage(spec, model, tok, gpu, Progress())
     adapter = out / "adapter"
-    model.save_pretrained(adapter, safe_serialization=True)
+    if main_process():
+        model.save_pretrained(adapter, safe_serialization=True)
     best = trainer.state.best_metric
     emit(done=True, adapter=str(adapter), steps=trainer.state.global_step, best_eval_loss=best,
          seconds=round(time.monotonic() - started, 1))

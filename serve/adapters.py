@@ -212,6 +212,12 @@ def get(engine: Engine, name: str) -> Adapter:
     return row
 
 
+def find(engine: Engine, name: str) -> Adapter | None:
+    """The version with this name, or None; any text may be asked (a bound parameter, never a pattern)."""
+    with session(engine) as s:
+        return s.exec(select(Adapter).where(Adapter.name == name)).first()
+
+
 def list_all(engine: Engine) -> list[Adapter]:
     with session(engine) as s:
         return list(s.exec(select(Adapter).order_by(Adapter.id)).all())

@@ -7,6 +7,7 @@ its own 4xx, a 503 when vLLM cannot answer; nothing is stored for a request that
 from __future__ import annotations
 
 import asyncio
+import calendar
 import json
 from dataclasses import asdict
 from datetime import datetime
@@ -46,10 +47,12 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    """The OpenAI chat-completions body; `model` is ignored: the active version always answers."""
+    """The OpenAI chat-completions body. `model` picks a version for curators only (ChatService.pick);
+    `conversation_id` continues a stored conversation of the caller's: `messages` are then the new ones."""
 
     model_config = ConfigDict(extra="ignore")
-    model: str | None = None
+    model: str | None = Field(None, max_length=1000)
+    conversation_id: int | None = Field(None, ge=1)
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     max_tokens: int | None = Field(None, ge=1)
@@ -162,10 +165,19 @@ def router(services: Services) -> APIRouter:
             return await run_in_threadpool(services.identities.identify, request)
         return services.identities.identify(request)
 
+    def is_curator(request: Request) -> bool:
+        return services.auth.curator(request) is not None
+
     @api.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest, author: str = Depends(who)):
+    async def chat_completions(req: ChatRequest, request: Request, author: str = Depends(who)):
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        kw = dict(source="api", author=author, params=req.params())
+        kw: dict[str, Any] = dict(source="api", author=author, params=req.params())
+        if req.conversation_id is not None:  # the stored turns first, as the model was sent them
+            stored = await run_in_threadpool(chat.history, req.conversation_id, author)
+            messages = [*stored, *messages]
+            kw.update(conversation_id=req.conversation_id, store_from=len(stored))
+        if req.model:
+            kw["pinned"] = await run_in_threadpool(lambda: chat.pick(req.model, is_curator(request)))
         if not req.stream:
             turn: Turn = await run_in_threadpool(chat.complete, messages, **kw)
             return _completion(turn, services.chat.base_name)
@@ -173,6 +185,26 @@ def router(services: Services) -> APIRouter:
         # Pull the first chunk before answering, so an unreachable vLLM is a 503, not a broken 200.
         first = await run_in_threadpool(next, gen)
         return StreamingResponse(_sse(first, gen), media_type="text/event-stream")
+
+    @api.get("/v1/models")
+    async def list_models(request: Request):
+        """What the caller may name in `model`: the active version for everyone; for curators also the
+        base model and every registered version (OpenAI's list shape, with tuneloop's own fields)."""
+        curator = await run_in_threadpool(is_curator, request)
+        active = await run_in_threadpool(chat.active)
+        rows = await run_in_threadpool(adapters.list_all, services.engine) if curator else []
+        started = int(services.started_at)
+
+        def entry(name: str, created: int, kind: str, status: str) -> dict[str, Any]:
+            return {"id": name, "object": "model", "created": created, "owned_by": "tuneloop",
+                    "tuneloop": {"kind": kind, "status": status, "active": name == (active or chat.base_name)}}
+
+        data = [entry(chat.base_name, started, "base", "base")] if curator or active is None else []
+        data += [entry(r.name, _epoch(r.created_at), "adapter", r.status) for r in rows]
+        if active is not None and not curator:
+            row = await run_in_threadpool(adapters.find, services.engine, active)
+            data.append(entry(active, _epoch(row.created_at) if row else started, "adapter", "registered"))
+        return {"object": "list", "data": data}
 
     @api.post("/api/feedback")
     async def post_feedback(req: FeedbackRequest, author: str = Depends(who)):
@@ -307,6 +339,10 @@ def _completion(turn: Turn, base_name: str) -> dict[str, Any]:
                   "total_tokens": (turn.prompt_tokens or 0) + (turn.completion_tokens or 0)},
         "tuneloop": _ids(turn),
     }
+
+
+def _epoch(at: datetime) -> int:
+    return calendar.timegm(at.utctimetuple())  # stored UTC; SQLite hands it back without its zone
 
 
 def _ids(turn: Turn) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from sqlmodel import Session, func, select
 
 from data_store.db import session
 from data_store.errors import Refused
-from data_store.models import Conversation, Message
+from data_store.models import Conversation, Feedback, Message
 from data_store.text import unstorable
 from data_store.writer import GroupWriter
 from serve import adapters
@@ -89,12 +89,57 @@ class ChatService:
     def active(self) -> str | None:
         return adapters.active(self.engine)
 
+    def pick(self, model: str | None, curator: bool) -> str | None:
+        """The version a request's `model` pins, by the name GET /v1/models lists: the base model's or a
+        registered version's, for curators only (side-by-side comparison), loaded into vLLM if it is not.
+        None, the active version's own name, or any other name (an OpenAI client's default) pins nothing:
+        the active version answers. The base model is returned as base_name."""
+        if not model or model == (self.active() or self.base_name):
+            return None
+        row = adapters.find(self.engine, model)
+        if row is None and model != self.base_name:
+            return None
+        if not curator:
+            raise Refused(f"model {model!r}: only curators choose the version that answers; leave model out "
+                          "(the active version answers) or log in as a curator", 403)
+        if row is not None and not adapters.loaded(self.client, row):
+            adapters.bring_up(self.client, row, self.settings)  # validated, loaded and probed
+        return model
+
+    def history(self, conversation_id: int, author: str) -> list[dict[str, str]]:
+        """A stored conversation as the model was sent it (original answers, not corrections), for its owner."""
+        return [{"role": m.role, "content": m.content} for m in self.messages(conversation_id, author)]
+
+    def messages(self, conversation_id: int, author: str) -> list[Message]:
+        self._check_owner(conversation_id, author)
+        with session(self.engine) as s:
+            return list(s.exec(select(Message).where(Message.conversation_id == conversation_id).order_by(Message.position)).all())
+
+    def corrections(self, message_ids: list[int]) -> dict[int, str]:
+        """The corrected text of those answers that have one (what the chat shows in their place)."""
+        with session(self.engine) as s:
+            rows = s.exec(select(Feedback).where(Feedback.message_id.in_(message_ids), Feedback.correction != None)).all()  # noqa: E711
+        return {f.message_id: f.correction for f in rows}
+
+    def conversations(self, author: str, limit: int = 50) -> list[tuple[int, str]]:
+        """The author's conversations, newest first, each with its first question (for a list to pick from)."""
+        with session(self.engine) as s:
+            convs = s.exec(select(Conversation).where(Conversation.author == author[:128])
+                           .order_by(Conversation.id.desc()).limit(limit)).all()
+            ids = [c.id for c in convs]
+            first: dict[int, str] = {}
+            for m in s.exec(select(Message).where(Message.conversation_id.in_(ids), Message.role == "user")
+                            .order_by(Message.position)).all():
+                first.setdefault(m.conversation_id, m.content)
+        return [(c.id, f"{c.created_at:%Y-%m-%d %H:%M} · {first.get(c.id, '')[:60]}") for c in convs]
+
     def stream(self, messages: list[dict[str, str]], *, conversation_id: int | None = None,
                store_from: int = 0, source: str = "api", author: str,
-               params: dict[str, Any] | None = None) -> Iterator[dict[str, Any] | Turn]:
+               params: dict[str, Any] | None = None, pinned: str | None = None) -> Iterator[dict[str, Any] | Turn]:
         """Yield vLLM's chunks as they come, then one Turn once the answer is stored.
 
         messages[store_from:] are new and stored with the answer; earlier ones already are.
+        pinned: a version chosen by pick() (base_name for the base model); None is the active version.
         """
         check_messages(messages, self.settings.max_input_chars)
         if conversation_id is not None:
@@ -107,7 +152,7 @@ class ChatService:
                                  "lower min_tokens or raise max_tokens")
         with self._cv:
             # Read the active version and count ourselves on it atomically with respect to drain.
-            adapter = self.active()
+            adapter = self.active() if pinned is None else None if pinned == self.base_name else pinned
             model = adapter or self.base_route
             self._inflight[model] += 1
         started = time.perf_counter()

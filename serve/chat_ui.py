@@ -1,4 +1,5 @@
-"""The Gradio chat: streaming answers from the active version, thumbs, corrections, comments.
+"""The Gradio chat: streaming answers from the active version, thumbs, corrections, comments, an
+optional system prompt, and the user's past conversations to pick up again.
 
 Each assistant message in the Chatbot maps to its stored message id (a list kept in gr.State,
 parallel to the history), so a thumb or an edit updates that message's one feedback record.
@@ -55,16 +56,17 @@ def build(services: Services) -> gr.Blocks:
                 " [Log in](/login)" if settings.user_logins else "")
         return f"Logged in as **{user}** · [Log out](/logout)"
 
-    def respond(text: str, history: list[dict], state: dict, request: gr.Request):
+    def respond(text: str, history: list[dict], state: dict, system: str, request: gr.Request):
         if not (text or "").strip():
             yield gr.skip(), history, state, gr.skip(), ""
             return
         shown = [*history, {"role": "user", "content": text}]
         yield "", shown, state, gr.skip(), ""
         # The model is sent the stored conversation (with its original answers, whatever the user edited
-        # since), so what is stored is what the model saw.
+        # since), so what is stored is what the model saw. A system prompt opens a new conversation only.
         sent = state.get("sent", [])
-        messages = [*sent, {"role": "user", "content": text}]
+        opening = [{"role": "system", "content": system}] if not sent and (system or "").strip() else []
+        messages = [*opening, *sent, {"role": "user", "content": text}]
         answering = [*shown, {"role": "assistant", "content": ""}]
         try:
             for item in chat.stream(messages, conversation_id=state["conversation_id"], store_from=len(sent),
@@ -84,6 +86,31 @@ def build(services: Services) -> gr.Blocks:
             # shown messages and their stored ids stay in step.
             yield text, history, state, gr.skip(), f"Not sent: {why} Nothing was stored; edit and send again."
             raise gr.Error(f"{why} Nothing was stored; try again.") from None
+
+    def past(request: gr.Request):
+        """The user's conversations to pick from (their own only: the server's identity picks them)."""
+        return gr.update(choices=[(label, cid) for cid, label in chat.conversations(_author(request))], value=None)
+
+    def past_after_turn(state: dict, request: gr.Request):
+        """The list again once a turn is stored (a new conversation joins it), showing the one in the chat."""
+        return gr.update(choices=[(label, cid) for cid, label in chat.conversations(_author(request))],
+                         value=state["conversation_id"])
+
+    def open_conversation(cid: int | None, request: gr.Request):
+        """Show a past conversation (corrected answers as corrected) and continue it with the next message."""
+        if cid is None:
+            return gr.skip(), gr.skip(), ""
+        try:
+            rows = chat.messages(int(cid), _author(request))
+        except Refused as e:
+            return gr.skip(), gr.skip(), f"Not opened: {e}"
+        fixed = chat.corrections([m.id for m in rows if m.role == "assistant"])
+        shown = [m for m in rows if m.role != "system"]
+        history = [{"role": m.role, "content": fixed.get(m.id, m.content)} for m in shown]
+        state = {"conversation_id": int(cid), "ids": [m.id if m.role == "assistant" else None for m in shown],
+                 "sent": [{"role": m.role, "content": m.content} for m in rows]}
+        system = next((m.content for m in rows if m.role == "system"), None)
+        return history, state, f"Opened conversation {cid}" + (f" (system prompt: {system[:80]})" if system else "") + "."
 
     def message_id(state: dict, index: Any) -> int | None:
         i = index[0] if isinstance(index, (list, tuple)) else index
@@ -135,16 +162,23 @@ def build(services: Services) -> gr.Blocks:
             comment = gr.Textbox(placeholder="Optional comment on the last answer", show_label=False, elem_id="comment", scale=4)
             save = gr.Button("Save comment", elem_id="save-comment", scale=1)
         status = gr.Markdown(elem_id="status")
-        new = gr.Button("New conversation", elem_id="new-chat", size="sm")
+        with gr.Row():
+            new = gr.Button("New conversation", elem_id="new-chat", size="sm", scale=1)
+            history = gr.Dropdown(label="Your conversations", choices=[], value=None, elem_id="past", scale=4)
+        system = gr.Textbox(label="System prompt (optional; it opens the next new conversation)", elem_id="system", lines=2,
+                            max_length=settings.max_input_chars)
 
-        box.submit(respond, [box, chatbot, state], [box, chatbot, state, serving, status])
+        box.submit(respond, [box, chatbot, state, system], [box, chatbot, state, serving, status]).then(
+            past_after_turn, [state], [history])
+        history.input(open_conversation, [history], [chatbot, state, status])
         chatbot.like(on_like, [state], [status])
         chatbot.edit(on_edit, [chatbot, state], [chatbot, status])
         save.click(on_comment, [comment, state], [comment, status])
         who = gr.Markdown(elem_id="who")
-        new.click(lambda: ([], dict(NEW_STATE), ""), None, [chatbot, state, status])
+        new.click(lambda: ([], dict(NEW_STATE), "", None), None, [chatbot, state, status, history])
         # The chatbot's own trash icon empties the shown chat: the next message starts a new conversation.
         chatbot.clear(lambda: (dict(NEW_STATE), ""), None, [state, status])
         demo.load(current_label, None, serving)
         demo.load(whoami, None, who)
+        demo.load(past, None, history)
     return demo

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from sqlalchemy.engine import Engine
 
@@ -16,7 +17,7 @@ from serve.client import VLLMClient
 from serve.identity import Identities
 from serve.model import served_name
 from serve.residency import Residency
-from serve.vllm_server import VLLMSupervisor
+from serve.vllm_server import ExternalWatch, VLLMSupervisor, base_via_zero_adapter
 from settings import Settings
 
 log = logging.getLogger(__name__)
@@ -29,10 +30,11 @@ class Services:
     vllm: VLLMClient
     chat: ChatService
     base_model: str  # what vLLM loaded: a directory or a hub id
-    supervisor: VLLMSupervisor | None = None
+    supervisor: VLLMSupervisor | ExternalWatch | None = None
     auth: CuratorAuth | None = None
     identities: Identities | None = None
     residency: Residency | None = None
+    started_at: float = field(default_factory=time.time)  # GET /v1/models dates the base model by it
 
     def __post_init__(self) -> None:
         if self.residency is None:
@@ -74,6 +76,18 @@ class Services:
         for run_id in runs.recover(self.engine):
             log.warning("run %s was left running by a process that is gone: marked failed", run_id)
         return schedule.start_scheduler(self.settings, schedule.firing(self.settings, self.engine, self.run_cycle))
+
+    def must_hold(self) -> set[str]:
+        """What vLLM must hold to serve: the active version, and the zero adapter where base traffic uses it."""
+        active = adapters.active(self.engine)
+        return ({active} if active else set()) | ({zero_adapter.NAME} if base_via_zero_adapter(self.settings) else set())
+
+    def watch_external(self) -> ExternalWatch:
+        """vllm_mode=external: load what vLLM must hold now and again whenever it comes back without it."""
+        watch = ExternalWatch(self.vllm.models, self.must_hold, self.reload_active, self.settings.vllm_watch_s)
+        self.supervisor = watch
+        watch.start()
+        return watch
 
     def reload_active(self) -> str | None:
         """After vLLM (re)starts: the zero adapter, if base traffic uses one, then the active version."""

@@ -1,4 +1,5 @@
-"""Supervise the vLLM OpenAI server as a child process: start, wait for health, restart on death.
+"""Supervise the vLLM OpenAI server as a child process: start, wait for health, restart on death;
+or, with an external server (vllm_mode=external), watch it and load the adapters again after it restarts.
 
 Run standalone as: python -m serve.vllm_server   (starts vLLM with the configured settings)
 """
@@ -187,6 +188,54 @@ class VLLMSupervisor:
         if self.proc is not None:
             _kill_group(self.proc)
         self.state = "stopped"
+
+
+class ExternalWatch:
+    """An external vLLM is the operator's to start and restart, so it can come back without the adapters
+    tuneloop loaded into it. Every `every_s` seconds its models list is read; when it lacks one that must
+    be there (`wanted`: the active version, the zero adapter where base traffic uses it) or it was not
+    ready before, on_ready loads them again. Same state names as VLLMSupervisor, for /api/health."""
+
+    proc = None  # not our process
+
+    def __init__(self, models: Callable[[], list[dict]], wanted: Callable[[], set[str]], on_ready: Callable[[], object],
+                 every_s: float = 5.0):
+        self.models, self.wanted, self.on_ready, self.every_s = models, wanted, on_ready, every_s
+        self.state = "starting"  # starting | ready | unavailable | adapter-reload-failed
+        self.restarts = 0  # times it came back without what it must hold, and was given it again
+        self._stopping = threading.Event()
+
+    def start(self) -> None:
+        self.check()  # at once: the app starts even when the server is not up yet, and says so
+        threading.Thread(target=self._watch, name="vllm-external-watch", daemon=True).start()
+
+    def check(self) -> None:
+        try:
+            held = {m["id"] for m in self.models()}
+        except Exception as e:  # unreachable or erroring: nothing to load into until it answers
+            if self.state != "unavailable":
+                log.warning("the external vLLM is unavailable (%s); waiting for it", e)
+            self.state = "unavailable"
+            return
+        missing = self.wanted() - held
+        if self.state == "ready" and not missing:
+            return
+        if self.state == "ready":
+            self.restarts += 1
+            log.warning("the external vLLM no longer holds %s (it restarted?); loading again", sorted(missing))
+        try:
+            self.on_ready()
+            self.state = "ready"
+        except Exception as e:
+            self.state = "adapter-reload-failed"
+            log.warning("the external vLLM is up but loading the active version failed (%s); retrying", e)
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(self.every_s):
+            self.check()
+
+    def stop(self) -> None:
+        self._stopping.set()
 
 
 def _kill_group(proc: subprocess.Popen, grace: float = 10) -> None:

@@ -117,3 +117,46 @@ def test_retrain_now_while_a_cycle_runs_is_a_409_that_names_the_run(client, engi
     r = client.post("/api/curation/retrain")
     assert r.status_code == 409 and f"run {rid} is still running" in r.json()["error"]["message"]
     assert rows(engine, TrainingRun) == 1
+
+
+def test_a_conversation_is_continued_only_by_its_owner(client, engine):
+    """Someone else's conversation, or one that does not exist: a 400 naming it, before the model is asked."""
+    theirs = add_turn(engine, author="bob")
+    with session(engine) as s:
+        conversation = s.get(Message, theirs).conversation_id
+    before = rows(engine, Message)
+    for cid in (conversation, 999):
+        r = client.post("/v1/chat/completions", auth=("alice", "pw"),
+                        json={"conversation_id": cid, "messages": [{"role": "user", "content": "and then?"}]})
+        assert r.status_code == 400 and f"conversation {cid} is not one of yours" in r.json()["error"]["message"]
+    r = client.post("/v1/chat/completions", json={"conversation_id": 0, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400 and "conversation_id" in r.json()["error"]["message"]
+    assert rows(engine, Message) == before
+
+
+def test_only_curators_pick_a_version_and_list_them_all(settings, engine, tmp_path, tiny_model):
+    """With curator logins set, a chat user who names a registered version is refused (403) before the model
+    is asked; a name that is no version (an OpenAI client's default) is the active version for anyone, so
+    it reaches the (closed) model server, as does the active version's own name. GET /v1/models lists the
+    active version to users, all to curators."""
+    from helpers import build_lora
+
+    from serve import adapters
+
+    settings.users, settings.curators = "alice:pw,carol:pw3", "carol:pw3"  # carol chats and curates
+    adapters.register(engine, settings, str(tiny_model), build_lora(tiny_model, tmp_path / "lora"), name="v-1")
+    vllm = VLLMClient(settings.served_vllm_url)
+    services = Services(settings, engine, vllm, ChatService(settings, engine, vllm, "tiny"), "tiny")
+    ask = {"messages": [{"role": "user", "content": "hi"}]}
+    with TestClient(build_app(services)) as c:
+        r = c.post("/v1/chat/completions", auth=("alice", "pw"), json={**ask, "model": "v-1"})
+        assert r.status_code == 403 and "only curators choose" in r.json()["error"]["message"]
+        for name in ("gpt-4o-mini", "tiny"):  # no version; the active one (the base model here)
+            assert c.post("/v1/chat/completions", auth=("alice", "pw"), json={**ask, "model": name}).status_code == 503
+        assert c.post("/v1/chat/completions", auth=("carol", "pw3"), json={**ask, "model": "v-1"}).status_code == 503
+        user = c.get("/v1/models", auth=("alice", "pw")).json()
+        curator = c.get("/v1/models", auth=("carol", "pw3")).json()
+    assert user["object"] == "list" and [(m["id"], m["tuneloop"]["active"]) for m in user["data"]] == [("tiny", True)]
+    assert [(m["id"], m["tuneloop"]["kind"], m["tuneloop"]["active"]) for m in curator["data"]] == [
+        ("tiny", "base", True), ("v-1", "adapter", False)]
+    assert rows(engine, Message) == 0

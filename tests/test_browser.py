@@ -251,3 +251,29 @@ def test_curator_login_and_api_keys_in_chromium(browser, live):
         r = httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
         assert r.status_code == 401 and "revoked" in r.json()["error"]["message"]
         ctx.close()
+
+
+def test_system_prompt_and_picking_up_a_past_conversation(page, live):
+    """A system prompt opens the conversation (stored first); after a new conversation, the first one is
+    picked from the user's list, shown again, and the next message continues it."""
+    page.locator("#system textarea").fill("You are terse. Answer in one sentence.")
+    answer = send(page, "Hello there!")
+    first = wait_until(lambda: (m := _last_assistant(live)) and m.content == answer and m)
+    with session(live.engine) as s:
+        convo = s.exec(select(Message).where(Message.conversation_id == first.conversation_id).order_by(Message.position)).all()
+    assert [(m.role, m.content) for m in convo[:2]] == [("system", "You are terse. Answer in one sentence."), ("user", "Hello there!")]
+
+    page.locator("#new-chat").click()
+    wait_until(lambda: page.locator("#chat [data-testid='bot']").count() == 0)
+    send(page, "Name a colour.")
+    second = wait_until(lambda: (m := _last_assistant(live)) and m.id != first.id and m)
+    assert second.conversation_id != first.conversation_id
+
+    page.locator("#past input").click()
+    page.get_by_role("option", name="Hello there!").first.click()  # labelled by its first question
+    wait_until(lambda: f"Opened conversation {first.conversation_id}" in page.locator("#status").inner_text())
+    assert page.locator("#chat [data-testid='bot']").count() == 1
+    assert page.locator("#chat [data-testid='bot']").last.inner_text().strip() == answer.strip()
+    send(page, "Say it again.")
+    third = wait_until(lambda: (m := _last_assistant(live)) and m.id not in (first.id, second.id) and m)
+    assert third.conversation_id == first.conversation_id and third.position == 4  # system, user, answer, user, answer

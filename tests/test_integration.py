@@ -149,3 +149,38 @@ def test_vllm_killed_restarts_and_serves_active_adapter_again(api, live, learned
         assert "Zorblax" in ask(api, QUESTION)["choices"][0]["message"]["content"]
     finally:
         api.post("/api/adapters/rollback")
+
+
+def test_a_curator_picks_versions_side_by_side_and_a_conversation_continues(api, live, learned):
+    """`model` naming a version (the app is open: everyone curates) answers from it, loaded on demand, and is
+    stored as its; any other name is the active version. `conversation_id` continues a stored conversation:
+    only the new message is sent, the model gets the history, the turn is stored in the same conversation."""
+    assert adapters.active(live.engine) is None
+    listed = {m["id"]: m["tuneloop"] for m in api.get("/v1/models").json()["data"]}
+    assert listed[live.chat.base_name]["active"] and learned.name in listed and not listed[learned.name]["active"]
+    try:
+        body = {"messages": [{"role": "user", "content": QUESTION}], "temperature": 0, "max_tokens": 24}
+        pinned = api.post("/v1/chat/completions", json={**body, "model": learned.name}).json()
+        base = api.post("/v1/chat/completions", json={**body, "model": "gpt-4o-mini"}).json()
+        assert "Zorblax" in pinned["choices"][0]["message"]["content"] and pinned["model"] == learned.name
+        assert "Zorblax" not in base["choices"][0]["message"]["content"] and base["model"] == live.chat.base_name
+        with session(live.engine) as s:
+            assert s.get(Message, pinned["tuneloop"]["message_id"]).adapter == learned.name
+    finally:
+        if learned.name not in adapters.resident(live.engine):
+            live.vllm.unload_adapter(learned.name)  # leave vLLM's slots as the other tests expect them
+
+    follow = {"messages": [{"role": "user", "content": "And what is it famous for?"}], "temperature": 0, "max_tokens": 16}
+    alone = api.post("/v1/chat/completions", json=follow).json()
+    cid = base["tuneloop"]["conversation_id"]
+    went_on = api.post("/v1/chat/completions", json={**follow, "conversation_id": cid})
+    assert went_on.status_code == 200, went_on.text
+    assert went_on.json()["tuneloop"]["conversation_id"] == cid
+    assert went_on.json()["usage"]["prompt_tokens"] > alone["usage"]["prompt_tokens"] + 10  # the history was sent
+    with session(live.engine) as s:
+        convo = s.exec(select(Message).where(Message.conversation_id == cid).order_by(Message.position)).all()
+    assert [(m.position, m.role) for m in convo] == [(0, "user"), (1, "assistant"), (2, "user"), (3, "assistant")]
+    assert convo[2].content == "And what is it famous for?" and convo[1].content == base["choices"][0]["message"]["content"]
+    with httpx.Client(base_url=str(api.base_url), timeout=60) as stranger:  # another session: not its conversation
+        r = stranger.post("/v1/chat/completions", json={**follow, "conversation_id": cid})
+        assert r.status_code == 400 and "not one of yours" in r.json()["error"]["message"]

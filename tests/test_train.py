@@ -191,3 +191,37 @@ def test_early_stopping_ends_a_run_whose_validation_loss_stopped_improving(tiny_
     evals = [e for e in events if "eval_loss" in e]
     assert events[-1]["done"] and events[-1]["steps"] < 80, events[-1]  # 20 epochs x 4 steps, stopped early
     assert len(evals) >= 3 and abs(events[-1]["best_eval_loss"] - min(e["eval_loss"] for e in evals)) < 1e-4  # the best was kept
+
+
+def test_the_training_child_is_launched_plainly_or_through_accelerate(tmp_path):
+    from retrain.train import launch_command
+
+    spec = tmp_path / "spec.json"
+    assert launch_command(spec, 1, "", gpus=0) == [sys.executable, "-m", "retrain.train", str(spec)]
+    ddp = launch_command(spec, 4, "", gpus=4)
+    assert ddp[1:3] == ["-m", "accelerate.commands.launch"] and "--multi_gpu" in ddp and ddp[-3:] == ["-m", "retrain.train", str(spec)]
+    assert ddp[ddp.index("--num_processes") + 1] == "4"
+    configured = launch_command(spec, 1, "/etc/acc.yaml", gpus=0)
+    assert configured[configured.index("--config_file") + 1] == "/etc/acc.yaml" and "--multi_gpu" not in configured
+    with pytest.raises(ValueError, match="TUNELOOP_ACCELERATE_PROCESSES=2 needs 2 GPUs and this host has 0"):
+        launch_command(spec, 2, "", gpus=0)
+
+
+def test_a_child_started_through_accelerate_launch_trains_and_reports_once(tiny_model, tmp_path):
+    """The `accelerate launch` path for real, on CPU with one process (a config file selects it): the adapter is
+    saved and each progress event is reported once, as by the plain child."""
+    from retrain.train import launch_command
+
+    config = tmp_path / "accelerate.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nnum_processes: 1\nuse_cpu: true\n"
+                      "mixed_precision: 'no'\nnum_machines: 1\nmachine_rank: 0\n")
+    spec = TrainSpec(base_model=str(tiny_model), train_file=data(tmp_path / "train.jsonl", 8), val_file=None,
+                     out_dir=str(tmp_path / "out"), config=TrainConfig(r=4, lora_alpha=8, num_train_epochs=1,
+                                                                        per_device_train_batch_size=4, max_length=64))
+    spec.dump(tmp_path / "spec.json")
+    command = launch_command(tmp_path / "spec.json", 1, str(config), gpus=0)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    events = [json.loads(line.split(EVENT, 1)[1]) for line in done.stdout.splitlines() if EVENT in line]
+    assert [e["step"] for e in events if "loss" in e] == [1, 2] and sum("done" in e for e in events) == 1
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
