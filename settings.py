@@ -167,6 +167,14 @@ class Settings(BaseSettings):
                            "accuracy.")
     gate_min_test_examples: int = Field(20, ge=1, description="Fewest test examples the gate accepts.")
     gate_tolerance: float = Field(0.01, ge=0, description="Largest regression tolerated on secondary metrics.")
+    canary_share: float = Field(0.0, ge=0, lt=1, description="Share of new conversations a version that passed the gate serves first, "
+                                "until live thumbs decide (serve/canary.py); 0: no canary, promote at once.")
+    canary_min_rated: int = Field(500, ge=1, description="Rated answers each arm needs before a canary without a significant drop "
+                                  "completes (telling 20% thumbs-down from 25% takes about 1,100).")
+    canary_max_hours: float = Field(72, gt=0, description="A canary without a significant drop completes after this long, rated or not.")
+    canary_alpha: float = Field(0.05, gt=0, lt=1, description="False-alarm rate of the canary's always-valid test (rolls back when "
+                                "the canary's thumbs-up rate is significantly lower).")
+    canary_check_s: float = Field(60, gt=0, description="How often a running canary is checked.")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings, env_settings, dotenv_settings,

@@ -25,6 +25,9 @@ class Conversation(SQLModel, table=True):
     source: str = Field(max_length=16)  # "ui" | "api"
     author: str = Field(default="anonymous", max_length=128)
     created_at: datetime = Field(default_factory=now)
+    # Set when it began during a canary (serve/canary.py): the arm it was assigned to for good.
+    canary_id: int | None = Field(default=None, foreign_key="canary.id", index=True)
+    arm: str | None = Field(default=None, max_length=8)  # canary | control
 
 
 class Message(SQLModel, table=True):
@@ -77,6 +80,26 @@ class Deployment(SQLModel, table=True):
     adapter: str | None = Field(default=None, foreign_key="adapter.name")
     rolled_back: bool = False
     created_at: datetime = Field(default_factory=now)
+
+
+class Canary(SQLModel, table=True):
+    """A version serving a share of new conversations, until live thumbs decide (serve/canary.py).
+    At most one runs per database (migration 0007)."""
+
+    __table_args__ = (Index("uq_canary_one_running", "status", unique=True,
+                            sqlite_where=text("status = 'running'"), postgresql_where=text("status = 'running'")),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    candidate: str = Field(max_length=64, foreign_key="adapter.name")
+    control: str | None = Field(default=None, max_length=64)  # what served the rest when it began; NULL: base model
+    share: float
+    status: str = Field(default="running", max_length=16)  # running | completed | rolled_back | stopped
+    run_id: int | None = Field(default=None, foreign_key="trainingrun.id")  # the cycle that started it, if one did
+    started_by: str = Field(default="cycle", max_length=128)
+    last_check: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    decision: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))  # how it ended, with the numbers
+    started_at: datetime = Field(default_factory=now)
+    ended_at: datetime | None = None
 
 
 class TrainingRun(SQLModel, table=True):

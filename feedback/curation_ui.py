@@ -13,7 +13,7 @@ from typing import Any
 import gradio as gr
 
 from data_store.errors import Refused
-from feedback import curation, runs_ui
+from feedback import canary_ui, curation, runs_ui
 from serve import identity
 from serve.services import Services
 
@@ -130,6 +130,8 @@ def build(services: Services) -> gr.Blocks:
             reject_all.click(lambda *a: act_all("reject", *a), flt, [table, counts, result])
         with gr.Tab("Runs"):
             runs_ui.build(services, demo)
+        with gr.Tab("Canary"):
+            canary_ui.build(services, demo)
         with gr.Tab("API keys"):
             keys_tab(services, demo)
     return demo

@@ -42,7 +42,9 @@ class Deps:
     client: VLLMClient
     base_model: str  # what training starts from: a directory or a hub id
     base_served: str  # the name vLLM serves the base model under (the zero adapter on CPU)
-    promote: Callable[[str], None]  # the service's one-step promotion (serve/residency.py drains afterwards)
+    # What the service does with a version the gate passed: "promoted" (one step; serve/residency.py drains
+    # afterwards) or "canary" (it first serves a share of new conversations: serve/canary.py).
+    promote: Callable[[str], str | None]
     on_event: Event = lambda e: None
 
 
@@ -95,7 +97,7 @@ def run_cycle(deps: Deps, run_id: int, force: bool = False) -> TrainingRun:
             judged = evaluate_both(deps, candidate, data)
             decision = decide(deps.settings, judged)
             incumbent = record(deps, run, candidate, judged, data.active)
-            promote_or_reject(deps, candidate, decision.promote)
+            deployed = promote_or_reject(deps, candidate, decision.promote)
         except Exception as e:
             # A candidate the cycle did not finish judging must not linger in vLLM or be promotable later.
             if adapters.active(deps.engine) != candidate.name:
@@ -103,7 +105,7 @@ def run_cycle(deps: Deps, run_id: int, force: bool = False) -> TrainingRun:
             raise
         result = {"promote": decision.promote, "summary": decision.summary(), "reasons": decision.reasons(),
                   "metrics": {"candidate": judged.candidate.summary(), "active": judged.incumbent.summary()},
-                  "candidate": candidate.name, "active": incumbent}
+                  "candidate": candidate.name, "active": incumbent, "deployed": deployed}
         return finish(deps, run, "succeeded", decision=result, log="\n".join(run.log[-2000:]), event={"status": "done", "decision": result})
     except Skip as e:
         return finish(deps, run, "skipped", reason=str(e), event={"status": "skipped", "reason": str(e)})
@@ -259,11 +261,11 @@ def record(deps: Deps, run: Run, candidate: Adapter, judged: Judged, active: str
     return active or deps.base_served
 
 
-def promote_or_reject(deps: Deps, candidate: Adapter, promote: bool) -> None:
+def promote_or_reject(deps: Deps, candidate: Adapter, promote: bool) -> str:
     if promote:
-        deps.promote(candidate.name)
-    else:
-        reject(deps, candidate.name)
+        return deps.promote(candidate.name) or "promoted"
+    reject(deps, candidate.name)
+    return "rejected"
 
 
 def reject(deps: Deps, name: str, reason: str | None = None) -> None:

@@ -101,6 +101,7 @@ def start_scheduler(settings: Settings, fire: Callable[[], None], job: str = JOB
     restarts (replacing it would forget a firing missed while the app was down); only a changed cron
     reschedules it."""
     from apscheduler.executors.pool import ThreadPoolExecutor
+    from apscheduler.jobstores.memory import MemoryJobStore
     from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
     from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -108,8 +109,8 @@ def start_scheduler(settings: Settings, fire: Callable[[], None], job: str = JOB
     key = _key(settings)
     _FIRINGS[key] = fire
     scheduler = BackgroundScheduler(
-        jobstores={"default": SQLAlchemyJobStore(url=settings.db_url, tablename="apscheduler_jobs")},
-        executors={"default": ThreadPoolExecutor(1)},
+        jobstores={"default": SQLAlchemyJobStore(url=settings.db_url, tablename="apscheduler_jobs"), "memory": MemoryJobStore()},
+        executors={"default": ThreadPoolExecutor(1), "periodic": ThreadPoolExecutor(1)},
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": MISFIRE_GRACE_S},
         timezone=UTC,
     )
@@ -124,6 +125,13 @@ def start_scheduler(settings: Settings, fire: Callable[[], None], job: str = JOB
             scheduler.reschedule_job(JOB_ID, trigger=trigger(settings))
     scheduler.resume()
     return scheduler
+
+
+def every(scheduler, job_id: str, seconds: float, fn: Callable[[], None]) -> None:
+    """A periodic job of this process only (kept in memory, on its own thread, so a nightly cycle running in
+    the stored job's thread never delays it)."""
+    scheduler.add_job(fn, "interval", seconds=seconds, id=job_id, jobstore="memory", executor="periodic",
+                      coalesce=True, max_instances=1, replace_existing=True)
 
 
 def start_now(engine: Engine, runner: Callable[[int], object]) -> int:

@@ -218,6 +218,13 @@ def find(engine: Engine, name: str) -> Adapter | None:
         return s.exec(select(Adapter).where(Adapter.name == name)).first()
 
 
+def mark_rejected(engine: Engine, name: str, reason: str) -> None:
+    with session(engine) as s:
+        a = s.exec(select(Adapter).where(Adapter.name == name)).one()
+        a.status, a.metrics = "rejected", {**(a.metrics or {}), "rejected_because": reason}
+        s.add(a)
+
+
 def list_all(engine: Engine) -> list[Adapter]:
     with session(engine) as s:
         return list(s.exec(select(Adapter).order_by(Adapter.id)).all())

@@ -26,7 +26,7 @@ from feedback import curation
 from feedback import record as feedback
 from feedback.fields import UNSET
 from retrain.runs import get_run, list_runs
-from serve import adapters, identity
+from serve import adapters, canary, identity
 from serve.chat import Turn
 from serve.client import VLLMError, VLLMUnavailable
 from serve.services import Services
@@ -112,6 +112,12 @@ class KeyRequest(BaseModel):
 class PromoteRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
+
+
+class CanaryRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    share: float | None = Field(None, gt=0, lt=1, description="default: TUNELOOP_CANARY_SHARE")
 
 
 KINDS = {401: "unauthorized", 404: "not_found", 409: "conflict"}  # the body's error type; others are invalid_request_error
@@ -316,6 +322,23 @@ def router(services: Services) -> APIRouter:
     async def rollback():
         return {"active": await run_in_threadpool(services.rollback)}
 
+    @api.get("/api/canary", dependencies=[Depends(require_curator)])
+    async def canary_status():
+        return await run_in_threadpool(canary_report, services)
+
+    @api.post("/api/canary/start", dependencies=[Depends(require_curator)])
+    async def canary_start(req: CanaryRequest, request: Request):
+        share = req.share or settings.canary_share
+        if not share:
+            return error(400, "share: give a share of new conversations for the canary (TUNELOOP_CANARY_SHARE is 0)")
+        by = services.auth.curator(request) or "open"
+        return canary.view(await run_in_threadpool(services.start_canary, req.name, share, by))
+
+    @api.post("/api/canary/{how}", dependencies=[Depends(require_curator)])
+    async def canary_end(how: Literal["stop", "complete"], request: Request):
+        by = services.auth.curator(request) or "open"
+        return canary.view(await run_in_threadpool(services.end_canary, how, by))
+
     return api
 
 
@@ -339,6 +362,16 @@ def _completion(turn: Turn, base_name: str) -> dict[str, Any]:
                   "total_tokens": (turn.prompt_tokens or 0) + (turn.completion_tokens or 0)},
         "tuneloop": _ids(turn),
     }
+
+
+def canary_report(services: Services) -> dict[str, Any]:
+    """The running canary with its arms' live counts, each version's live thumbs-up rate, and recent canaries."""
+    running = canary.running(services.engine)
+    arms = canary.counts(services.engine, running) if running else {}
+    return {"running": canary.view(running) if running else None,
+            "arms": {k: asdict(v) | {"rate": v.rate, "interval": canary.wilson(v.up, v.rated)} for k, v in arms.items()},
+            "versions": canary.version_rates(services.engine),
+            "recent": [canary.view(c) for c in canary.latest(services.engine)]}
 
 
 def _epoch(at: datetime) -> int:

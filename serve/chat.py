@@ -21,7 +21,7 @@ from data_store.errors import Refused
 from data_store.models import Conversation, Feedback, Message
 from data_store.text import unstorable
 from data_store.writer import GroupWriter
-from serve import adapters
+from serve import adapters, canary
 from serve.client import VLLMClient
 from settings import Settings
 
@@ -151,8 +151,12 @@ class ChatService:
             raise ChatInputError(f"min_tokens ({params['min_tokens']}) is above max_tokens ({params['max_tokens']}); "
                                  "lower min_tokens or raise max_tokens")
         with self._cv:
-            # Read the active version and count ourselves on it atomically with respect to drain.
-            adapter = self.active() if pinned is None else None if pinned == self.base_name else pinned
+            # Read the version and count ourselves on it atomically with respect to drain.
+            arm: tuple[int, str] | None = None
+            if pinned is not None:
+                adapter = None if pinned == self.base_name else pinned
+            else:
+                adapter, arm = self.route(conversation_id)
             model = adapter or self.base_route
             self._inflight[model] += 1
         started = time.perf_counter()
@@ -171,7 +175,21 @@ class ChatService:
                 self._cv.notify_all()
         latency_ms = (time.perf_counter() - started) * 1000
         yield self._store(messages[store_from:], "".join(parts), adapter, usage, latency_ms,
-                          conversation_id, source, author)
+                          conversation_id, source, author, arm)
+
+    def route(self, conversation_id: int | None) -> tuple[str | None, tuple[int, str] | None]:
+        """The version that answers, and for a new conversation during a canary the arm it gets for good:
+        a conversation on the canary's arm stays on the canary while it runs; every other one gets the
+        active version."""
+        active = self.active()
+        running = canary.running(self.engine)
+        if running is None:
+            return active, None
+        if conversation_id is None:
+            arm = canary.assign(running)
+            return (running.candidate if arm == "canary" else active), (running.id, arm)
+        on = canary.arm_of(self.engine, conversation_id)
+        return (running.candidate if on == (running.id, "canary") else active), None
 
     def complete(self, messages: list[dict[str, str]], **kw: Any) -> Turn:
         """The non-streaming form: consume the stream and return the stored Turn."""
@@ -190,14 +208,15 @@ class ChatService:
             raise ChatInputError(f"conversation {conversation_id} is not one of yours; start a new one")
 
     def _store(self, new: list[dict[str, str]], answer: str, adapter: str | None, usage: dict[str, Any],
-               latency_ms: float, conversation_id: int | None, source: str, author: str) -> Turn:
-        return self.writer.run(lambda s: self._store_in(s, new, answer, adapter, usage, latency_ms, conversation_id, source, author))
+               latency_ms: float, conversation_id: int | None, source: str, author: str, arm: tuple[int, str] | None) -> Turn:
+        return self.writer.run(lambda s: self._store_in(s, new, answer, adapter, usage, latency_ms, conversation_id, source,
+                                                        author, arm))
 
     @staticmethod
     def _store_in(s: Session, new: list[dict[str, str]], answer: str, adapter: str | None, usage: dict[str, Any],
-                  latency_ms: float, conversation_id: int | None, source: str, author: str) -> Turn:
+                  latency_ms: float, conversation_id: int | None, source: str, author: str, arm: tuple[int, str] | None) -> Turn:
         if conversation_id is None:
-            conv = Conversation(source=source, author=author[:128])
+            conv = Conversation(source=source, author=author[:128], canary_id=arm[0] if arm else None, arm=arm[1] if arm else None)
             s.add(conv)
             s.flush()
             conversation_id = conv.id

@@ -49,6 +49,12 @@ class Residency:
             self._last = self._worker.submit(self._settle, before)
         return result
 
+    def retire(self, name: str) -> None:
+        """Unload, in the background once its answers are done, a version that stopped serving without a
+        flip (a canary that ended without being promoted)."""
+        with self._cv:
+            self._last = self._worker.submit(self._each, name, self._retire)
+
     def close(self) -> None:
         """At shutdown: drop queued work and stop waiting on drains (vLLM stops next)."""
         self._closed.set()

@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import UTC
 
 from sqlalchemy.engine import Engine
 
+from data_store.models import Canary, now
 from data_store.writer import GroupWriter
 from retrain import cycle, runs, schedule
-from serve import adapters, zero_adapter
+from serve import adapters, canary, zero_adapter
 from serve.auth import CuratorAuth
 from serve.chat import ChatService
 from serve.client import VLLMClient
@@ -57,10 +59,69 @@ class Services:
         return self.residency.flip(lambda: next(iter(adapters.resident(self.engine)[1:]), None),
                                    lambda: adapters.rollback(self.engine, self.vllm, self.settings))
 
+    def deploy(self, name: str) -> str:
+        """A version the gate passed: a canary on CANARY_SHARE of new conversations, or promoted at once."""
+        if self.settings.canary_share > 0:
+            self.start_canary(name, self.settings.canary_share, by="cycle")
+            return "canary"
+        self.promote(name)
+        return "promoted"
+
+    # ---- the canary (serve/canary.py decides; these act) ----
+
+    def start_canary(self, name: str, share: float, by: str) -> Canary:
+        if not 0 < share < 1:
+            raise canary.CanaryError(f"canary share {share}: use a share of new conversations above 0 and below 1", 400)
+        row = adapters.get(self.engine, name)
+        if row.status == "rejected":
+            raise adapters.AdapterError(f"adapter {name!r} was rejected; start a canary of another version")
+        active = adapters.active(self.engine)
+        if name == active:
+            raise canary.CanaryError(f"{name!r} already serves every conversation")
+        adapters.bring_up(self.vllm, row, self.settings)  # a cycle's candidate is loaded already: no request then
+        return canary.create(self.engine, name, active, share, None, by)
+
+    def check_canary(self) -> canary.Decision | None:
+        """One look at the running canary (the scheduler's job, every CANARY_CHECK_S): stored, and acted on."""
+        c = canary.running(self.engine)
+        if c is None:
+            return None
+        s = self.settings
+        arms = canary.counts(self.engine, c)
+        age = (now() - (c.started_at if c.started_at.tzinfo else c.started_at.replace(tzinfo=UTC))).total_seconds()
+        d = canary.decide(arms["canary"], arms["control"], age, alpha=s.canary_alpha, min_rated=s.canary_min_rated,
+                          max_age_s=s.canary_max_hours * 3600)
+        canary.save_check(self.engine, c.id, d)
+        if d.action != "continue":
+            self._end_canary(c, "completed" if d.action == "complete" else "rolled_back", d.reason, d.numbers, "automatic")
+        return d
+
+    def end_canary(self, how: str, by: str) -> Canary:
+        """By hand: `complete` promotes the canary now, `stop` sends everyone back to the version serving the rest."""
+        c = canary.running(self.engine)
+        if c is None:
+            raise canary.CanaryError("no canary is running")
+        arms = canary.counts(self.engine, c)
+        numbers = {"canary": vars(arms["canary"]), "control": vars(arms["control"])}
+        return self._end_canary(c, "completed" if how == "complete" else "stopped", f"{how} by {by}", numbers, by)
+
+    def _end_canary(self, c: Canary, status: str, reason: str, numbers: dict, by: str) -> Canary:
+        if status == "completed":
+            self.promote(c.candidate)  # first: should it fail, the canary runs on and the error is seen
+        ended = canary.end(self.engine, c.id, status, reason, numbers, by)
+        if ended is None:
+            raise canary.CanaryError(f"canary {c.id} already ended")
+        if status == "rolled_back":
+            adapters.mark_rejected(self.engine, c.candidate, f"canary rolled back: {reason}")
+        if status != "completed":
+            self.residency.retire(c.candidate)
+        log.warning("canary %s of %s %s: %s", c.id, c.candidate, status, reason)
+        return ended
+
     def cycle_deps(self, on_event: cycle.Event = lambda e: None) -> cycle.Deps:
-        """A cycle's dependencies: this service's vLLM and store, and its one-step promotion."""
+        """A cycle's dependencies: this service's vLLM and store, and what it does with a passed version."""
         return cycle.Deps(self.settings, self.engine, self.vllm, self.base_model,
-                          zero_adapter.ensure(self.vllm, self.settings, self.base_model), self.promote, on_event)
+                          zero_adapter.ensure(self.vllm, self.settings, self.base_model), self.deploy, on_event)
 
     def run_cycle(self, run_id: int, force: bool = False, on_event: cycle.Event = lambda e: None):
         """One retrain cycle for a claimed run, promoting through this service."""
@@ -75,7 +136,15 @@ class Services:
         First, runs left `running` by a process that died are marked failed so they block nothing."""
         for run_id in runs.recover(self.engine):
             log.warning("run %s was left running by a process that is gone: marked failed", run_id)
-        return schedule.start_scheduler(self.settings, schedule.firing(self.settings, self.engine, self.run_cycle))
+        scheduler = schedule.start_scheduler(self.settings, schedule.firing(self.settings, self.engine, self.run_cycle))
+        schedule.every(scheduler, "canary-check", self.settings.canary_check_s, self._check_canary_logged)
+        return scheduler
+
+    def _check_canary_logged(self) -> None:
+        try:
+            self.check_canary()
+        except Exception:  # the next check tries again; a failed promotion leaves the canary running
+            log.exception("checking the canary failed")
 
     def must_hold(self) -> set[str]:
         """What vLLM must hold to serve: the active version, and the zero adapter where base traffic uses it."""
