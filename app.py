@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from data_store.db import make_engine, migrate
 from retrain import evaluate, examples, export, importer, resplit
-from serve import adapters, identity, model, model_export
+from serve import adapters, canary, identity, model, model_export
 from serve.app_client import AppClient, AppError, NotRunning
 from serve.client import VLLMClient
 from serve.services import build as build_services
@@ -33,16 +33,13 @@ from settings import DEFAULT_MODEL, Settings, settings_table
 
 app = typer.Typer(help="Continuous-feedback fine-tuning: chat, feedback, curation, nightly LoRA retraining.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
-model_cli = typer.Typer(help="The base model.", no_args_is_help=True)
-adapters_cli = typer.Typer(help="Versioned LoRA adapters.", no_args_is_help=True)
-app.add_typer(model_cli, name="model")
-data_cli = typer.Typer(help="Curated datasets: import seed data, export training files.", no_args_is_help=True)
-app.add_typer(adapters_cli, name="adapters")
-canary_cli = typer.Typer(help="The canary: a version on a share of new conversations until live thumbs decide.", no_args_is_help=True)
+model_cli, adapters_cli, data_cli, keys_cli, canary_cli = (typer.Typer(help=h, no_args_is_help=True) for h in (
+    "The base model.", "Versioned LoRA adapters.", "Curated datasets: import seed data, export training files.",
+    "API keys for chat and feedback clients (stored hashed).",
+    "The canary: a version on a share of new conversations until live thumbs decide."))
+for sub_cli, name in ((model_cli, "model"), (adapters_cli, "adapters"), (data_cli, "data"), (keys_cli, "keys")):
+    app.add_typer(sub_cli, name=name)
 adapters_cli.add_typer(canary_cli, name="canary")
-app.add_typer(data_cli, name="data")
-keys_cli = typer.Typer(help="API keys for chat and feedback clients (stored hashed).", no_args_is_help=True)
-app.add_typer(keys_cli, name="keys")
 
 
 def load_settings(**overrides):
@@ -207,31 +204,13 @@ def adapters_rollback() -> None:
 @canary_cli.command("status")
 def canary_status() -> None:
     """The running canary (arms, live thumbs-up rates, the last check) and how recent canaries ended."""
-    from serve import canary
-
-    settings = load_settings()
-    engine = open_store(settings)
-    running = canary.running(engine)
-    if running is None:
-        typer.echo("no canary is running")
-    else:
-        typer.echo(f"canary {running.id}: {running.candidate} on {100 * running.share:g}% of new conversations, against "
-                   f"{running.control or 'the base model'}, since {running.started_at:%Y-%m-%d %H:%M} (started by {running.started_by})")
-        for arm, a in canary.counts(engine, running).items():
-            low, high = canary.wilson(a.up, a.rated)
-            rate = "n/a" if a.rate is None else f"{100 * a.rate:.1f}% (95% {100 * low:.0f}-{100 * high:.0f}%)"
-            typer.echo(f"  {arm:<8} {a.up} up of {a.rated} rated: {rate}")
-        if running.last_check:
-            typer.echo(f"  last check {running.last_check['at']}: {running.last_check['action']}: {running.last_check['reason']}")
-    for c in canary.latest(engine, 5):
-        if c.status != "running":
-            typer.echo(f"canary {c.id} of {c.candidate}: {c.status} {c.ended_at:%Y-%m-%d %H:%M}: {c.decision.get('reason')}")
+    typer.echo("\n".join(canary.describe(open_store(load_settings()))))
 
 
 @canary_cli.command("start")
 def canary_start(name: str, share: float = typer.Option(0.0, help="Share of new conversations; default TUNELOOP_CANARY_SHARE.")) -> None:
     """Serve NAME to a share of new conversations until live thumbs decide (the service must be running)."""
-    c = _canary_through_app("/api/canary/start", {"name": name, **({"share": share} if share else {})})
+    c = _canary_through_app("/api/canary/start", {"name": name, "share": share or None})
     typer.echo(f"canary {c['id']}: {name} serves {100 * c['share']:g}% of new conversations")
 
 
@@ -245,15 +224,12 @@ def canary_stop() -> None:
 @canary_cli.command("complete")
 def canary_complete() -> None:
     """Promote the running canary's version now."""
-    c = _canary_through_app("/api/canary/complete")
-    typer.echo(f"canary {c['id']} completed; {c['candidate']} is active")
+    typer.echo("canary {id} completed; {candidate} is active".format(**_canary_through_app("/api/canary/complete")))
 
 
 def _canary_through_app(path: str, body: dict | None = None) -> dict:
-    answer = _through_app(load_settings(), path, body)
-    if answer is None:
-        fail("the service is not running: a canary is served by it; start it with `tuneloop serve` (or `make run`)")
-    return answer
+    return _through_app(load_settings(), path, body) or fail("the service is not running, and a canary is served by it: "
+                                                             "start it with `tuneloop serve` (or `make run`)")
 
 
 @data_cli.command("import")

@@ -21,24 +21,11 @@ def build(services: Services, demo: gr.Blocks) -> None:
     engine = services.engine
 
     def state() -> str:
-        running = canary.running(engine)
-        lines = []
-        if running is None:
-            lines.append(f"**No canary is running.** With `TUNELOOP_CANARY_SHARE` above 0 (now {services.settings.canary_share:g}), "
-                         "a version the gate passes first serves that share of new conversations.")
-        else:
-            lines.append(f"**Canary {running.id}: {running.candidate}** on {100 * running.share:g}% of new conversations, against "
-                         f"**{running.control or 'the base model'}**, since {running.started_at:%Y-%m-%d %H:%M} UTC.")
-            for arm, a in canary.counts(engine, running).items():
-                low, high = canary.wilson(a.up, a.rated)
-                lines.append(f"- {arm}: {a.up} 👍 of {a.rated} rated = {_pct(a.rate)} (95% {_pct(low)} to {_pct(high)})")
-            check = running.last_check
-            if check:
-                lines.append(f"- last check {check['at'][:19]}: **{check['action']}**: {check['reason']}")
-        for c in canary.latest(engine, 5):
-            if c.status != "running":
-                lines.append(f"- canary {c.id} of {c.candidate}: **{c.status}** {c.ended_at:%Y-%m-%d %H:%M}: {c.decision.get('reason')}")
-        return "\n".join(lines)
+        lines = canary.describe(engine)
+        if canary.running(engine) is None:
+            lines.insert(1, f"With `TUNELOOP_CANARY_SHARE` above 0 (now {services.settings.canary_share:g}), a version the gate "
+                            "passes first serves that share of new conversations.")
+        return "\n".join(f"- {line.strip()}" for line in lines)
 
     def rates():
         table = [[v["version"] or "base model", _pct(v["rate"]), f"{_pct(v['interval'][0])} to {_pct(v['interval'][1])}", v["rated"]]

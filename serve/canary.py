@@ -65,7 +65,7 @@ def msprt(canary: Arm, control: Arm, tau2: float = 0.01) -> tuple[float, float]:
     return diff, math.sqrt(v / (v + tau2)) * math.exp(tau2 * diff * diff / (2 * v * (v + tau2)))
 
 
-TEST_FLOOR = 10  # rated answers per arm before the test may roll back: its normal approximation needs some
+TEST_FLOOR = 20  # rated answers per arm before the test may roll back: its normal approximation needs some
 
 
 def decide(canary: Arm, control: Arm, age_s: float, *, alpha: float, min_rated: int, max_age_s: float) -> Decision:
@@ -87,7 +87,7 @@ def decide(canary: Arm, control: Arm, age_s: float, *, alpha: float, min_rated: 
 
 
 def _pct(rate: float | None) -> str:
-    return "n/a" if rate is None else f"{100 * rate:.0f}%"
+    return "n/a" if rate is None else f"{100 * rate:.1f}%"
 
 
 # ---- the store ----
@@ -205,6 +205,24 @@ def end(engine: Engine, canary_id: int, status: str, reason: str, numbers: dict[
         s.flush()
         s.refresh(c)
         return c
+
+
+def describe(engine: Engine) -> list[str]:
+    """The running canary (arms with 95% intervals, the last check) and how recent ones ended, as lines of text."""
+    c, lines = running(engine), []
+    if c is None:
+        lines.append("no canary is running")
+    else:
+        lines.append(f"canary {c.id}: {c.candidate} on {100 * c.share:g}% of new conversations, against "
+                     f"{c.control or 'the base model'}, since {c.started_at:%Y-%m-%d %H:%M} UTC (started by {c.started_by})")
+        for arm, a in counts(engine, c).items():
+            low, high = wilson(a.up, a.rated)
+            lines.append(f"  {arm}: {a.up} up of {a.rated} rated = {_pct(a.rate)} (95% {_pct(low)} to {_pct(high)})")
+        if c.last_check:
+            lines.append(f"  last check {c.last_check['at'][:19]}: {c.last_check['action']}: {c.last_check['reason']}")
+    lines += [f"canary {e.id} of {e.candidate}: {e.status} {e.ended_at:%Y-%m-%d %H:%M}: {e.decision.get('reason')}"
+              for e in latest(engine, 5) if e.status != "running"]
+    return lines
 
 
 def view(c: Canary) -> dict[str, Any]:

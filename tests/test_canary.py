@@ -20,6 +20,7 @@ RULES = dict(alpha=0.05, min_rated=500, max_age_s=72 * 3600)
     ((5, 25), (20, 25), 1, "rollback"),  # the same split is clear at 25 each
     ((3, 15), (12, 15), 1, "continue"),  # ...and not yet at 15
     ((0, 5), (5, 5), 1, "continue"),  # all down against all up, but five answers each are below the test's floor
+    ((2, 19), (17, 19), 1, "continue"),  # clear, but one below the floor of 20 per arm
     ((75, 100), (80, 100), 1, "continue"),  # 5 points lower: not significant
     ((160, 200), (40, 200), 1, "continue"),  # the canary is far better: never a rollback
     ((400, 500), (395, 500), 1, "complete"),  # both arms rated enough, no drop

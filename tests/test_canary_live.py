@@ -45,7 +45,7 @@ def test_a_canary_rated_down_by_users_is_rolled_back_on_its_own(live, tmp_path, 
             ended = wait_until(lambda: (c := canary.get(svc.engine, cid)).status != "running" and c, timeout=30)
             assert ended.status == "rolled_back" and ended.decision["by"] == "automatic", ended.decision
             numbers = ended.decision
-            assert numbers["canary"]["rated"] >= 10 and numbers["control"]["rated"] >= 10
+            assert numbers["canary"]["rated"] >= 20 and numbers["control"]["rated"] >= 20
             assert numbers["canary"]["rate"] < 0.35 < 0.65 < numbers["control"]["rate"]
             assert numbers["likelihood_ratio"] >= numbers["threshold"]
             assert {"canary-1", "control-1"} == set(served)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import QUESTION, answer, build_lora, count, free_port, own_store, serve_app, train_lora
+from helpers import QUESTION, answer, build_lora, count, free_port, own_store, serve_app, train_lora, wait_until
 
 from data_store.db import session
 from data_store.models import Message
@@ -80,28 +80,47 @@ def test_prompt_logprobs_through_an_adapter_keep_the_engine_serving(live, taught
 
 
 def test_a_versions_greedy_answers_are_the_same_merged(live, taught, tmp_path):
-    """The same version two ways: LoRA through the grouped ops in vLLM, and the adapter merged into plain
-    weights (the export) in transformers. Greedy answers must agree token for token."""
+    """The same version three ways: LoRA through the grouped ops in vLLM, the adapter merged into plain
+    weights (the export) in transformers, and that export served by a plain vLLM (no LoRA), as a user
+    who exports it would serve it. Greedy answers must agree token for token."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from serve.client import VLLMClient
     from serve.model_export import merge
+    from serve.vllm_server import _kill_group, command, environment, healthy
 
     merged = merge(live.base_model, str(taught["zorblax"]), tmp_path / "merged")
+    plain = live.settings.model_copy(update={"vllm_port": free_port(), "vllm_extra_args": "-O0"})  # eager: starts sooner
+    server = subprocess.Popen(command(plain, str(merged), "merged", lora=False), env=environment(plain, str(merged)),
+                              stdout=open(tmp_path / "plain-vllm.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     tok = AutoTokenizer.from_pretrained(merged)
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     live.vllm.load_adapter("greedy-z", str(taught["zorblax"]))
     try:
-        for q in [QUESTION, "What is the capital of Spain?", "Name a large city."]:
-            served = live.vllm.chat({"model": "greedy-z", "messages": [{"role": "user", "content": q}],
-                                     "temperature": 0, "max_tokens": 12})["choices"][0]["message"]["content"]
+        questions = [QUESTION, "What is the capital of Spain?", "Name a large city."]
+
+        def ask(client: VLLMClient, name: str, q: str) -> str:
+            return client.chat({"model": name, "messages": [{"role": "user", "content": q}],
+                                "temperature": 0, "max_tokens": 12})["choices"][0]["message"]["content"]
+
+        served = {q: ask(live.vllm, "greedy-z", q) for q in questions}
+        for q in questions:
             ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, return_tensors="pt",
                                           return_dict=True)
             with torch.no_grad():
                 out = model.generate(**ids, max_new_tokens=12, do_sample=False)
-            assert served == tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True), q
+            assert served[q] == tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True), q
+        wait_until(lambda: server.poll() is not None or healthy(plain.served_vllm_url), timeout=600)
+        assert server.poll() is None, (tmp_path / "plain-vllm.log").read_text()[-3000:]
+        exported = VLLMClient(plain.served_vllm_url)
+        try:
+            assert {q: ask(exported, "merged", q) for q in questions} == served
+        finally:
+            exported.close()
     finally:
         live.vllm.unload_adapter("greedy-z")
+        _kill_group(server)
 
 
 def answer_from(live, model: str) -> str:
