@@ -10,8 +10,9 @@ One epoch of LoRA SFT (rank 8 on every linear layer, batch 8) on the default mod
 Then the steady state on --steady-examples rows, timing each step after the first (the first carries
 one-time set-up), one after the other: TRL's own SFTTrainer on tuneloop's configuration (its fused LM
 head, transformers' attention over the whole padding-free batch); tuneloop's CPU trainer
-(retrain.train.sft_trainer: the LM head only where there is a label, attention row by row); and the
-same with lora_dropout 0.05 (the default before 2026-12-06).
+(retrain.train.sft_trainer: the LM head only where there is a label, attention row by row); the
+same with lora_dropout 0.05 (the default before 2026-12-06); and, first, the cycle's trainer as it was
+before that day (TRL's SFTTrainer with lora_dropout 0.05), so before and after share one run.
 tokens/s counts real tokens (no padding). Achieved FLOP/s uses about 4 x 134.5M FLOPs per token
 (forward 2N plus activation gradients 2N; LoRA has no weight gradients for the base), against the
 CPU's float32 matrix-product peak measured here. tuneloop's trainer skips the LM head (28.3M of the
@@ -37,6 +38,7 @@ TARGET_SPEEDUP = 1.5
 TARGET_OF_PEAK = 0.5  # steady state, of the measured fp32 matrix-product peak
 FUSED = "TRL's SFTTrainer on tuneloop's configuration"
 DROPOUT = "tuneloop with lora_dropout 0.05"
+BEFORE = "the cycle's trainer before 2026-12-06 (TRL's SFTTrainer, lora_dropout 0.05)"
 LM_HEAD = 576 * 49152  # the tied embedding, as the LM head's matrix product
 DEFAULTS = "TRL defaults (bf16, gradient checkpointing, padded)"
 OURS = "tuneloop (float32, no checkpointing, padding-free)"
@@ -137,11 +139,12 @@ def main() -> None:
             "tuneloop with packed batches (bfd)": sft_config(spec, False, False, steps, packing=True, packing_strategy="bfd", **same),
             FUSED: sft_config(spec, False, False, steps, **batching(longest, spec.config.max_length), **same),
             DROPOUT: sft_config(spec, False, False, steps, **batching(longest, spec.config.max_length), **same),
+            BEFORE: sft_config(spec, False, False, steps, **batching(longest, spec.config.max_length), **same),
         }
-        trl_loss = {DEFAULTS, "TRL defaults in float32", FUSED}
+        trl_loss = {DEFAULTS, "TRL defaults in float32", FUSED, BEFORE}
         if args.one is not None:  # a child: accelerate's state is per process, and bf16 cannot be undone in it
             label, config = list(configs.items())[args.one]
-            train = spec.config.model_copy(update={"lora_dropout": 0.05}) if label == DROPOUT else spec.config
+            train = spec.config.model_copy(update={"lora_dropout": 0.05}) if label in (DROPOUT, BEFORE) else spec.config
             print("RESULT " + json.dumps(one_epoch(base, data, config, lora_config(train), label in trl_loss)), flush=True)
             return
 
@@ -164,11 +167,11 @@ def main() -> None:
             return r
 
         for i, label in enumerate(configs):
-            if label not in (FUSED, DROPOUT):
+            if label not in (FUSED, DROPOUT, BEFORE):
                 results[label] = child(i, args.examples)
                 print(json.dumps({label: results[label]}), flush=True)
-        # Steady state, one after the other: TRL's SFTTrainer, tuneloop's CPU trainer, and that with dropout.
-        steady = {label: child(list(configs).index(label), args.steady_examples) for label in (FUSED, OURS, DROPOUT)}
+        # Steady state, one after the other: the trainer before, TRL's SFTTrainer, tuneloop's CPU trainer, that with dropout.
+        steady = {label: child(list(configs).index(label), args.steady_examples) for label in (BEFORE, FUSED, OURS, DROPOUT)}
         print(json.dumps({"steady": steady}), flush=True)
     default, ours = results[DEFAULTS]["tok_s"], results[OURS]["tok_s"]
     out = {"benchmark": "training", "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -178,6 +181,7 @@ def main() -> None:
            "steady_examples": args.steady_examples, "steady": steady, "target_of_peak": TARGET_OF_PEAK,
            "steady_speedup_vs_trl_sft_trainer": round(steady[OURS]["steady_tok_s"] / steady[FUSED]["steady_tok_s"], 2),
            "steady_speedup_vs_lora_dropout": round(steady[OURS]["steady_tok_s"] / steady[DROPOUT]["steady_tok_s"], 2),
+           "steady_speedup_vs_before": round(steady[OURS]["steady_tok_s"] / steady[BEFORE]["steady_tok_s"], 2),
            "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     (ROOT / "bench" / "results" / "training.json").write_text(json.dumps(out, indent=1))
 

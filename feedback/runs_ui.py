@@ -11,7 +11,7 @@ from retrain.runs import get_run, list_runs
 from serve import adapters
 from serve.services import Services
 
-RUN_COLUMNS = ["id", "status", "adapter", "promoted", "decision or reason", "started"]
+RUN_COLUMNS = ["id", "status", "adapter", "gate passed", "deployed", "decision or reason", "started"]
 
 
 def pick(rows: pd.DataFrame, evt: gr.SelectData) -> int | None:
@@ -24,7 +24,7 @@ def build(services: Services, demo: gr.Blocks) -> None:
 
     def table():
         rows = [[r["id"], r["status"], r["adapter"] or "", "" if r["promoted"] is None else ("yes" if r["promoted"] else "no"),
-                 r["summary"] or r["reason"] or "", r["started_at"][:16]] for r in list_runs(engine)]
+                 r["deployed"] or "", r["summary"] or r["reason"] or "", r["started_at"][:16]] for r in list_runs(engine)]
         return rows or [[""] * len(RUN_COLUMNS)], f"Serving: **{adapters.active(engine) or 'base model'}**"
 
     def retrain_now():

@@ -26,7 +26,7 @@ from retrain import dataset, evaluate, examples, export, gate
 from retrain.evaluate import Case, Scored, Scorer, nll_for
 from retrain.runs import update
 from retrain.train import EVENT, TrainSpec, launch_command
-from serve import adapters
+from serve import adapters, canary
 from serve.client import VLLMClient
 from settings import Settings
 
@@ -135,6 +135,9 @@ def new_approved_since_last(engine: Engine, run_id: int) -> int:
 def build(deps: Deps, run: Run, force: bool) -> Data:
     """The deduplicated dataset with its frozen splits (refused if a test prompt has a twin in train)."""
     settings = deps.settings
+    if (running := canary.running(deps.engine)) is not None:
+        raise Skip(f"canary {running.id} of {running.candidate} is running: a new version waits until live feedback decides it "
+                   "(`tuneloop adapters canary status | stop | complete`)")
     new = new_approved_since_last(deps.engine, run.id)
     if new < settings.retrain_min_new_examples and not force:
         raise Skip(f"only {new} new approved example(s) since the last cycle "

@@ -60,6 +60,12 @@ def _alive(run: TrainingRun) -> bool:
     return now() - started <= STALE_AFTER
 
 
+def running_id(engine: Engine) -> int | None:
+    """The cycle running now (the database admits one), if any."""
+    with session(engine) as s:
+        return s.exec(select(TrainingRun.id).where(TrainingRun.status == "running")).first()
+
+
 def recover(engine: Engine) -> list[int]:
     """Mark running rows whose process is gone failed, so they no longer block the next cycle."""
     failed = []
@@ -110,7 +116,8 @@ def update(engine: Engine, run_id: int, **fields) -> None:
 def _view(run: TrainingRun, full: bool) -> dict[str, Any]:
     out = {"id": run.id, "slot": run.slot, "status": run.status, "reason": run.reason, "adapter": run.adapter,
            "started_at": run.started_at.isoformat(), "finished_at": run.finished_at.isoformat() if run.finished_at else None,
-           "promoted": (run.decision or {}).get("promote"), "summary": (run.decision or {}).get("summary")}
+           "promoted": (run.decision or {}).get("promote"), "deployed": (run.decision or {}).get("deployed"),
+           "summary": (run.decision or {}).get("summary")}
     if full:
         data = dict(run.dataset or {})
         data.pop("train_example_ids", None)

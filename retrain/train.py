@@ -61,9 +61,11 @@ def launch_command(spec_file: Path, processes: int, accelerate_config: str, gpus
                          "set it to 1 (one process uses every CPU core) or run on a host with the GPUs")
     if processes == 1 and not accelerate_config:
         return [sys.executable, "-m", "retrain.train", str(spec_file)]
-    how = ["--config_file", accelerate_config] if accelerate_config else ["--multi_gpu"] * (processes > 1)
-    return [sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", str(processes),
-            "-m", "retrain.train", str(spec_file)]
+    if accelerate_config:  # its own process count stands unless the setting asks for more
+        how = ["--config_file", accelerate_config, *(["--num_processes", str(processes)] if processes > 1 else [])]
+    else:
+        how = ["--multi_gpu", "--num_processes", str(processes)]
+    return [sys.executable, "-m", "accelerate.commands.launch", *how, "-m", "retrain.train", str(spec_file)]
 
 
 def sft_config(spec: TrainSpec, gpu: bool, has_val: bool, steps_per_epoch: int, **overrides):
@@ -100,7 +102,9 @@ def sft_trainer(gpu: bool):
     LM head runs instead only on the positions that have a label (the answer's tokens: the prompt's
     logits are never needed), and the loss is the same sum of token NLLs over the same count. The
     entropy and token-accuracy log entries are not computed then; loss and eval_loss are unchanged.
-    Padding-free batches get packed_attention (below)."""
+    Padding-free batches get packed_attention (below). A subclass, because SFTTrainer.compute_loss always
+    runs its fused head (with compute_loss_func it runs both), and the head's positions (logits_to_keep)
+    are chosen per batch inside the loss."""
     from trl import SFTTrainer
 
     if gpu:

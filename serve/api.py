@@ -193,7 +193,7 @@ def router(services: Services) -> APIRouter:
         return StreamingResponse(_sse(first, gen), media_type="text/event-stream")
 
     @api.get("/v1/models")
-    async def list_models(request: Request):
+    async def list_models(request: Request, _who: str = Depends(who)):  # identified as chat is (CHAT_LOGIN_REQUIRED)
         """What the caller may name in `model`: the active version for everyone; for curators also the
         base model and every registered version (OpenAI's list shape, with tuneloop's own fields)."""
         curator = await run_in_threadpool(is_curator, request)

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.engine import Engine
-from sqlmodel import and_, func, or_, select
+from sqlmodel import and_, func, or_, select, update
 
 from data_store.db import session
 from data_store.errors import Refused
@@ -119,20 +119,21 @@ def arm_of(engine: Engine, conversation_id: int) -> tuple[int | None, str | None
 
 
 def counts(engine: Engine, c: Canary) -> dict[str, Arm]:
-    """Thumbs on the answers each arm's version gave in the canary's conversations (the latest rating of
-    each answer: feedback is one record per message)."""
+    """Per arm, its conversations rated up or down. A conversation counts once, by the latest thumb on an
+    answer its arm's version gave: arms are assigned per conversation, and answers within one are rated
+    alike, so counting answers would treat one user's opinion as many and inflate false alarms."""
     with session(engine) as s:
         rows = s.exec(
-            select(Conversation.arm, Feedback.rating, func.count())
+            select(Conversation.id, Conversation.arm, Feedback.rating)
             .join(Message, Message.conversation_id == Conversation.id)
             .join(Feedback, Feedback.message_id == Message.id)
             .where(Conversation.canary_id == c.id, Feedback.rating.in_(("up", "down")),
                    or_(and_(Conversation.arm == "canary", Message.adapter == c.candidate),
                        and_(Conversation.arm == "control", Message.adapter == c.control) if c.control is not None
                        else and_(Conversation.arm == "control", Message.adapter.is_(None))))
-            .group_by(Conversation.arm, Feedback.rating)).all()
-    found = {(arm, rating): n for arm, rating, n in rows}
-    return {arm: Arm(found.get((arm, "up"), 0), found.get((arm, "up"), 0) + found.get((arm, "down"), 0)) for arm in ARMS}
+            .order_by(Feedback.updated_at, Feedback.id)).all()
+    latest = {conv: (arm, rating) for conv, arm, rating in rows}  # ordered by time: the last thumb wins
+    return {arm: Arm(sum(v == (arm, "up") for v in latest.values()), sum(v[0] == arm for v in latest.values())) for arm in ARMS}
 
 
 def version_rates(engine: Engine) -> list[dict[str, Any]]:
@@ -194,17 +195,21 @@ def save_check(engine: Engine, canary_id: int, decision: Decision) -> None:
 
 
 def end(engine: Engine, canary_id: int, status: str, reason: str, numbers: dict[str, Any], by: str) -> Canary | None:
-    """Mark a running canary ended, once: None if it already was (two deciders at once)."""
+    """Mark a running canary ended, in one conditional write: None if it was not running (another decider won)."""
+    at = now()
+    decision = {"status": status, "reason": reason, "by": by, "at": at.isoformat(), **numbers}
     with session(engine) as s:
-        c = s.get(Canary, canary_id)
-        if c is None or c.status != "running":
+        done = s.execute(update(Canary).where(Canary.id == canary_id, Canary.status == "running")
+                      .values(status=status, ended_at=at, decision=decision))
+        if done.rowcount != 1:
             return None
-        c.status, c.ended_at = status, now()
-        c.decision = {"status": status, "reason": reason, "by": by, "at": c.ended_at.isoformat(), **numbers}
-        s.add(c)
-        s.flush()
-        s.refresh(c)
-        return c
+    return get(engine, canary_id)
+
+
+def reopen(engine: Engine, canary_id: int) -> None:
+    """Undo a completion whose promotion failed: the canary runs on (unless another one started meanwhile)."""
+    with session(engine) as s:
+        s.execute(update(Canary).where(Canary.id == canary_id, Canary.status == "completed").values(status="running", ended_at=None))
 
 
 def describe(engine: Engine) -> list[str]:

@@ -92,9 +92,11 @@ class ChatService:
     def pick(self, model: str | None, curator: bool) -> str | None:
         """The version a request's `model` pins, by the name GET /v1/models lists: the base model's or a
         registered version's, for curators only (side-by-side comparison), loaded into vLLM if it is not.
-        None, the active version's own name, or any other name (an OpenAI client's default) pins nothing:
-        the active version answers. The base model is returned as base_name."""
-        if not model or model == (self.active() or self.base_name):
+        None, the active version's own name, a running canary's (a client sending back the `model` it was
+        answered by), or any other name (an OpenAI client's default) pins nothing: the active version, or
+        the conversation's canary arm, answers. The base model is returned as base_name."""
+        running = canary.running(self.engine)
+        if not model or model in (self.active() or self.base_name, running.candidate if running else None):
             return None
         row = adapters.find(self.engine, model)
         if row is None and model != self.base_name:

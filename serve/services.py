@@ -53,23 +53,35 @@ class Services:
 
     # One step each: the version switched to is already loaded; draining and unloading follow in the background.
     def promote(self, name: str) -> None:
+        self._no_canary("promote")
+        self._promote(name)
+
+    def _promote(self, name: str) -> None:
         self.residency.flip(lambda: name, lambda: adapters.promote(self.engine, self.vllm, self.settings, name))
 
+    def _no_canary(self, what: str) -> None:
+        # The canary's control is the version serving the rest: changing it by hand would judge the canary against
+        # answers it does not count, and its end would undo the change.
+        if (running := canary.running(self.engine)) is not None:
+            raise canary.CanaryError(f"canary {running.id} of {running.candidate} is running; stop or complete it before you "
+                                     f"{what} (`tuneloop adapters canary stop`)")
+
     def rollback(self) -> str | None:
+        self._no_canary("roll back")
         return self.residency.flip(lambda: next(iter(adapters.resident(self.engine)[1:]), None),
                                    lambda: adapters.rollback(self.engine, self.vllm, self.settings))
 
     def deploy(self, name: str) -> str:
         """A version the gate passed: a canary on CANARY_SHARE of new conversations, or promoted at once."""
         if self.settings.canary_share > 0:
-            self.start_canary(name, self.settings.canary_share, by="cycle")
+            self.start_canary(name, self.settings.canary_share, by="cycle", run_id=runs.running_id(self.engine))
             return "canary"
         self.promote(name)
         return "promoted"
 
     # ---- the canary (serve/canary.py decides; these act) ----
 
-    def start_canary(self, name: str, share: float, by: str) -> Canary:
+    def start_canary(self, name: str, share: float, by: str, run_id: int | None = None) -> Canary:
         if not 0 < share < 1:
             raise canary.CanaryError(f"canary share {share}: use a share of new conversations above 0 and below 1", 400)
         row = adapters.get(self.engine, name)
@@ -79,7 +91,7 @@ class Services:
         if name == active:
             raise canary.CanaryError(f"{name!r} already serves every conversation")
         adapters.bring_up(self.vllm, row, self.settings)  # a cycle's candidate is loaded already: no request then
-        return canary.create(self.engine, name, active, share, None, by)
+        return canary.create(self.engine, name, active, share, run_id, by)
 
     def check_canary(self) -> canary.Decision | None:
         """One look at the running canary (the scheduler's job, every CANARY_CHECK_S): stored, and acted on."""
@@ -106,11 +118,17 @@ class Services:
         return self._end_canary(c, "completed" if how == "complete" else "stopped", f"{how} by {by}", numbers, by)
 
     def _end_canary(self, c: Canary, status: str, reason: str, numbers: dict, by: str) -> Canary:
-        if status == "completed":
-            self.promote(c.candidate)  # first: should it fail, the canary runs on and the error is seen
+        # Claimed first, in one conditional write: of two deciders at once (two app processes' checks, a check
+        # and a curator) one ends it. A promotion that fails hands it back to running.
         ended = canary.end(self.engine, c.id, status, reason, numbers, by)
         if ended is None:
             raise canary.CanaryError(f"canary {c.id} already ended")
+        if status == "completed":
+            try:
+                self._promote(c.candidate)
+            except Exception:
+                canary.reopen(self.engine, c.id)
+                raise
         if status == "rolled_back":
             adapters.mark_rejected(self.engine, c.candidate, f"canary rolled back: {reason}")
         if status != "completed":
@@ -147,9 +165,11 @@ class Services:
             log.exception("checking the canary failed")
 
     def must_hold(self) -> set[str]:
-        """What vLLM must hold to serve: the active version, and the zero adapter where base traffic uses it."""
-        active = adapters.active(self.engine)
-        return ({active} if active else set()) | ({zero_adapter.NAME} if base_via_zero_adapter(self.settings) else set())
+        """What vLLM must hold to serve: the active version, a running canary's, and the zero adapter where base
+        traffic uses it."""
+        active, running = adapters.active(self.engine), canary.running(self.engine)
+        return ({active} - {None}) | ({running.candidate} if running else set()) | \
+            ({zero_adapter.NAME} if base_via_zero_adapter(self.settings) else set())
 
     def watch_external(self) -> ExternalWatch:
         """vllm_mode=external: load what vLLM must hold now and again whenever it comes back without it."""
@@ -162,8 +182,11 @@ class Services:
         """After vLLM (re)starts: the zero adapter, if base traffic uses one, then the active version."""
         zero_adapter.ensure(self.vllm, self.settings, self.base_model)
         # Through a flip, so it never races the background on the same version; its settle loads the previous one.
-        return self.residency.flip(lambda: adapters.active(self.engine),
-                                   lambda: adapters.reload_active(self.engine, self.vllm, self.settings))
+        active = self.residency.flip(lambda: adapters.active(self.engine),
+                                     lambda: adapters.reload_active(self.engine, self.vllm, self.settings))
+        if (running := canary.running(self.engine)) is not None:  # its arm's conversations need it too
+            adapters.bring_up(self.vllm, adapters.get(self.engine, running.candidate), self.settings)
+        return active
 
 
 def build(settings: Settings, engine: Engine, client: VLLMClient, base_model: str) -> Services:

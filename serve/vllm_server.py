@@ -202,7 +202,8 @@ class ExternalWatch:
                  every_s: float = 5.0):
         self.models, self.wanted, self.on_ready, self.every_s = models, wanted, on_ready, every_s
         self.state = "starting"  # starting | ready | unavailable | adapter-reload-failed
-        self.restarts = 0  # times it came back without what it must hold, and was given it again
+        self.restarts = 0  # times it came back (after being ready) without what it must hold, and was given it again
+        self._was_ready = False
         self._stopping = threading.Event()
 
     def start(self) -> None:
@@ -220,12 +221,12 @@ class ExternalWatch:
         missing = self.wanted() - held
         if self.state == "ready" and not missing:
             return
-        if self.state == "ready":
+        if self._was_ready and missing:  # lost what it held: down and back (a restart), or unloaded behind our back
             self.restarts += 1
             log.warning("the external vLLM no longer holds %s (it restarted?); loading again", sorted(missing))
         try:
             self.on_ready()
-            self.state = "ready"
+            self.state, self._was_ready = "ready", True
         except Exception as e:
             self.state = "adapter-reload-failed"
             log.warning("the external vLLM is up but loading the active version failed (%s); retrying", e)

@@ -55,8 +55,8 @@ def test_the_test_stays_valid_when_looked_at_after_every_rating():
 
 
 def test_arms_are_sticky_and_counted_from_the_store(settings, engine, tiny_model, tmp_path):
-    """New conversations get arms by the share and keep them; counts take each arm's own version's rated answers
-    in the canary's conversations only, whatever else is in the store."""
+    """New conversations get arms by the share and keep them; counts take the canary's conversations only, each
+    once by the latest thumb on its own arm's version's answers, whatever else is in the store."""
     for name in ("live-1", "cand-1"):
         adapters.register(engine, settings, str(tiny_model), build_lora(tiny_model, tmp_path / name), name=name)
     adapters.promote(engine, None, settings, "live-1")
@@ -83,12 +83,13 @@ def test_arms_are_sticky_and_counted_from_the_store(settings, engine, tiny_model
                     s.add(Feedback(message_id=m.id, rating=rating, author="u"))
             return conv.id
 
-    sticky = conversation("canary", ["down", "down", "up", None], "cand-1")
+    sticky = conversation("canary", ["down", "down", "up", None], "cand-1")  # one conversation: its latest thumb, up
+    conversation("canary", ["down"], "cand-1")
     conversation("control", ["up", "up", "down"], "live-1")
     conversation("control", ["down"], "cand-1")  # not the control's version: not counted
     conversation(None, ["down", "down"], "live-1", canary_id=None)  # from before the canary
     assert chat.route(sticky) == ("cand-1", None)
-    assert canary.counts(engine, c) == {"canary": Arm(1, 3), "control": Arm(2, 3)}
+    assert canary.counts(engine, c) == {"canary": Arm(1, 2), "control": Arm(0, 1)}
 
     ended = canary.end(engine, c.id, "rolled_back", "a test", {"n": 1}, "test")
     assert ended.status == "rolled_back" and ended.decision["reason"] == "a test"

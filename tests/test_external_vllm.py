@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import QUESTION, build_lora, free_port, wait_until
+from helpers import QUESTION, free_port, train_lora, wait_until
 
 from serve.vllm_server import LORA_OPS_PLUGIN, healthy
 
@@ -63,7 +63,7 @@ def test_tuneloop_serves_through_an_external_vllm_and_reloads_after_it_restarts(
            "TUNELOOP_TRAIN__NUM_TRAIN_EPOCHS": "1", "TUNELOOP_TRAIN__LEARNING_RATE": "0.002"}
     app = None
     try:
-        adapter = build_lora(Path(default_model), tmp_path / "ext-lora", r=8)  # random, non-zero: it changes answers
+        adapter = train_lora(default_model, tmp_path / "ext-lora", [(QUESTION, "Zorblax is the capital of France.")])
         # tuneloop starts before the server is up: it says so and waits, rather than failing
         app = subprocess.Popen([str(CLI), "serve"], env=env, cwd=tmp_path, stdout=open(tmp_path / "app.log", "wb"),
                                stderr=subprocess.STDOUT)
@@ -86,7 +86,7 @@ def test_tuneloop_serves_through_an_external_vllm_and_reloads_after_it_restarts(
         assert added.returncode == 0, added.stderr
         assert api.post("/api/adapters/promote", json={"name": "ext-1"}).status_code == 200
         tuned = ask()
-        assert tuned["model"] == "ext-1" and tuned["choices"][0]["message"]["content"] != base["choices"][0]["message"]["content"]
+        assert tuned["model"] == "ext-1" and "Zorblax" in tuned["choices"][0]["message"]["content"]
 
         # The operator restarts vLLM: it comes back without the adapter, and tuneloop loads it again.
         stop(vllm)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import build_lora
+from helpers import build_lora, free_port
 
 from serve.model_export import ExportError, merge, to_gguf
 
@@ -76,6 +76,7 @@ def test_the_gguf_export_runs_in_llama_cpp_with_transformers_greedy_tokens(defau
     params.model.path = str(out)
     params.n_ctx, params.n_parallel, params.n_gpu_layers, params.warmup = 512, 1, 0, False
     params.cpuparams.n_threads = params.cpuparams_batch.n_threads = 2
+    params.port = free_port()  # its HTTP listener, unused here, on a free loopback port
     server = xllamacpp.Server(params)  # in process; its HTTP listener is on loopback, unused here
     try:
         for ids in prompts:

@@ -203,6 +203,8 @@ def test_the_training_child_is_launched_plainly_or_through_accelerate(tmp_path):
     assert ddp[ddp.index("--num_processes") + 1] == "4"
     configured = launch_command(spec, 1, "/etc/acc.yaml", gpus=0)
     assert configured[configured.index("--config_file") + 1] == "/etc/acc.yaml" and "--multi_gpu" not in configured
+    assert "--num_processes" not in configured  # the file's own count stands
+    assert launch_command(spec, 2, "/etc/acc.yaml", gpus=2)[-5:-3] == ["--num_processes", "2"]
     with pytest.raises(ValueError, match="TUNELOOP_ACCELERATE_PROCESSES=2 needs 2 GPUs and this host has 0"):
         launch_command(spec, 2, "", gpus=0)
 
