@@ -95,3 +95,50 @@ def test_arms_are_sticky_and_counted_from_the_store(settings, engine, tiny_model
     assert ended.status == "rolled_back" and ended.decision["reason"] == "a test"
     assert canary.end(engine, c.id, "completed", "again", {}, "test") is None  # ends once
     assert chat.route(sticky) == ("live-1", None) and chat.route(None) == ("live-1", None)
+
+
+def test_while_a_canary_runs_hand_flips_are_refused_and_a_cycle_is_skipped(settings, engine, tiny_model, tmp_path):
+    from retrain import runs
+    from serve.services import Services
+
+    adapters.register(engine, settings, str(tiny_model), build_lora(tiny_model, tmp_path / "cand"), name="cand-1")
+    c = canary.create(engine, "cand-1", None, 0.2, None, "test")
+    vllm = VLLMClient(settings.served_vllm_url)  # a closed port: nothing here may reach vLLM
+    svc = Services(settings, engine, vllm, ChatService(settings, engine, vllm, "tiny"), str(tiny_model))
+    for act in (lambda: svc.promote("cand-1"), svc.rollback):
+        with pytest.raises(canary.CanaryError, match=f"canary {c.id} of cand-1 is running") as e:
+            act()
+        assert e.value.status == 409
+    run = svc.run_cycle(runs.claim(engine, "during-canary"), force=True)
+    assert run.status == "skipped" and f"canary {c.id} of cand-1 is running" in run.reason
+    assert svc.must_hold() == {"cand-1"}  # reloaded after a vLLM restart along with the active version
+    assert canary.end(engine, c.id, "completed", "done", {}, "test").status == "completed"
+    canary.reopen(engine, c.id)  # a completion whose promotion failed
+    assert canary.running(engine).id == c.id
+
+
+def test_an_external_vllm_that_went_down_and_came_back_without_the_version_is_given_it_again():
+    """ExternalWatch over callables standing in for vLLM's models list (an HTTP boundary): a restart is counted
+    once the server is back without what it must hold, whether the watch saw it down or not."""
+    from serve.vllm_server import ExternalWatch
+
+    held: set[str] | None = {"v1"}
+    loads: list[int] = []
+
+    def models():
+        if held is None:
+            raise ConnectionError("down")
+        return [{"id": m} for m in held]
+
+    watch = ExternalWatch(models, lambda: {"v1"}, lambda: (loads.append(1), held.add("v1")))
+    watch.check()
+    assert watch.state == "ready" and watch.restarts == 0  # the first load at start is not a restart
+    held = None
+    watch.check()
+    assert watch.state == "unavailable"
+    held = set()  # back, empty
+    watch.check()
+    assert watch.state == "ready" and watch.restarts == 1 and held == {"v1"}
+    held.clear()  # lost it without being seen down
+    watch.check()
+    assert watch.restarts == 2 and held == {"v1"}

@@ -56,7 +56,7 @@ def stop(proc: subprocess.Popen) -> None:
 def test_tuneloop_serves_through_an_external_vllm_and_reloads_after_it_restarts(default_model, tmp_path):
     vllm_port, app_port = free_port(), free_port()
     vllm_url, log = f"http://127.0.0.1:{vllm_port}", tmp_path / "operator-vllm.log"
-    vllm = operator_vllm(default_model, vllm_port, log)
+    vllm = None
     env = {**os.environ, "TUNELOOP_DATA_DIR": str(tmp_path / "data"), "TUNELOOP_VLLM_MODE": "external",
            "TUNELOOP_VLLM_URL": vllm_url, "TUNELOOP_PORT": str(app_port), "TUNELOOP_VLLM_WATCH_S": "1",
            "TUNELOOP_GATE_MIN_TEST_EXAMPLES": "1", "TUNELOOP_RETRAIN_MIN_NEW_EXAMPLES": "0",
@@ -70,6 +70,7 @@ def test_tuneloop_serves_through_an_external_vllm_and_reloads_after_it_restarts(
         api = httpx.Client(base_url=f"http://127.0.0.1:{app_port}", timeout=300)
         wait_until(lambda: _health(api) is not None, timeout=120)
         assert _health(api) == 503
+        vllm = operator_vllm(default_model, vllm_port, log)  # the operator brings it up afterwards
         up(vllm, vllm_url, log)
         wait_until(lambda: _health(api) == 200, timeout=60)
 
@@ -121,7 +122,8 @@ def test_tuneloop_serves_through_an_external_vllm_and_reloads_after_it_restarts(
         if app is not None:
             app.terminate()
             app.wait(60)
-        stop(vllm)
+        if vllm is not None:
+            stop(vllm)
 
 
 def _health(api: httpx.Client) -> int | None:
