@@ -92,8 +92,7 @@ def serve(host: str | None = typer.Option(None, help="Override TUNELOOP_HOST."),
         typer.echo(f"Starting vLLM on {settings.served_vllm_url} (about a minute on CPU)...")
         services.supervisor.start()
     else:
-        services.watch_external()
-        typer.echo(f"Using the external vLLM at {settings.served_vllm_url}: {services.supervisor.state}")
+        typer.echo(f"Using the external vLLM at {settings.served_vllm_url}: {services.watch_external().state}")
     scheduler = services.start_scheduler()
     # The base model's layer shapes, which every adapter is validated against: read once now, not in
     # the first promotion's call (importing the model class takes seconds).
@@ -104,7 +103,7 @@ def serve(host: str | None = typer.Option(None, help="Override TUNELOOP_HOST."),
         except Exception as e:  # the first promotion then reads them itself, and reports the error there
             logging.getLogger(__name__).warning("could not read %s's layer shapes ahead of time: %s", base, e)
 
-    threading.Thread(target=read_shapes, name="base-shapes", daemon=True).start()
+    (shapes := threading.Thread(target=read_shapes, name="base-shapes", daemon=True)).start()
     web = build_app(services)
     # Gradio, FastAPI and vLLM's client leave millions of objects that live as long as the process. Left in
     # the collector's oldest generation, every full collection walks them: 0.2-0.4 s pauses that stalled
@@ -124,6 +123,7 @@ def serve(host: str | None = typer.Option(None, help="Override TUNELOOP_HOST."),
         services.residency.close()  # queued loads and unloads are moot once vLLM stops
         if services.supervisor:
             services.supervisor.stop()
+        shapes.join(30)  # a daemon thread still importing torch as the interpreter ends can abort the exit
 
 
 @model_cli.command("pull")

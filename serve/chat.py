@@ -216,7 +216,8 @@ class ChatService:
 
     @staticmethod
     def _store_in(s: Session, new: list[dict[str, str]], answer: str, adapter: str | None, usage: dict[str, Any],
-                  latency_ms: float, conversation_id: int | None, source: str, author: str, arm: tuple[int, str] | None) -> Turn:
+                  latency_ms: float, conversation_id: int | None, source: str, author: str,
+                  arm: tuple[int, str] | None = None) -> Turn:
         if conversation_id is None:
             conv = Conversation(source=source, author=author[:128], canary_id=arm[0] if arm else None, arm=arm[1] if arm else None)
             s.add(conv)
