@@ -276,12 +276,7 @@ def reject(deps: Deps, name: str, reason: str | None = None) -> None:
         # A curator promoted it by hand while it was judged: it serves now, so it is neither marked nor unloaded.
         log.warning("the gate said no to %s, but it was promoted by hand during the cycle; it stays active", name)
         return
-    with session(deps.engine) as s:
-        a = s.exec(select(Adapter).where(Adapter.name == name)).one()
-        a.status = "rejected"
-        if reason:
-            a.metrics = {**(a.metrics or {}), "rejected_because": reason}
-        s.add(a)
+    adapters.mark_rejected(deps.engine, name, reason)
     try:
         deps.client.unload_adapter(name)
     except Exception:

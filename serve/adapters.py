@@ -205,8 +205,7 @@ def _check_copy(staging: Path, info: AdapterInfo) -> None:
 
 def get(engine: Engine, name: str) -> Adapter:
     check_name(name)  # a hostile name gets the rule, not a lookup
-    with session(engine) as s:
-        row = s.exec(select(Adapter).where(Adapter.name == name)).first()
+    row = find(engine, name)
     if row is None:
         raise AdapterError(f"no adapter named {name!r}; `tuneloop adapters list` shows the registered ones")
     return row
@@ -218,10 +217,13 @@ def find(engine: Engine, name: str) -> Adapter | None:
         return s.exec(select(Adapter).where(Adapter.name == name)).first()
 
 
-def mark_rejected(engine: Engine, name: str, reason: str) -> None:
+def mark_rejected(engine: Engine, name: str, reason: str | None = None) -> None:
+    """Never promotable again; why, when there is a reason beyond the gate's stored decision."""
     with session(engine) as s:
         a = s.exec(select(Adapter).where(Adapter.name == name)).one()
-        a.status, a.metrics = "rejected", {**(a.metrics or {}), "rejected_because": reason}
+        a.status = "rejected"
+        if reason:
+            a.metrics = {**(a.metrics or {}), "rejected_because": reason}
         s.add(a)
 
 

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import and_, func, or_, select, update
 
 from data_store.db import session
@@ -132,8 +133,8 @@ def counts(engine: Engine, c: Canary) -> dict[str, Arm]:
                        and_(Conversation.arm == "control", Message.adapter == c.control) if c.control is not None
                        else and_(Conversation.arm == "control", Message.adapter.is_(None))))
             .order_by(Feedback.updated_at, Feedback.id)).all()
-    latest = {conv: (arm, rating) for conv, arm, rating in rows}  # ordered by time: the last thumb wins
-    return {arm: Arm(sum(v == (arm, "up") for v in latest.values()), sum(v[0] == arm for v in latest.values())) for arm in ARMS}
+    last = {conv: (arm, rating) for conv, arm, rating in rows}  # ordered by time: the last thumb wins
+    return {arm: Arm(sum(v == (arm, "up") for v in last.values()), sum(v[0] == arm for v in last.values())) for arm in ARMS}
 
 
 def version_rates(engine: Engine) -> list[dict[str, Any]]:
@@ -174,8 +175,6 @@ def wilson(up: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def create(engine: Engine, candidate: str, control: str | None, share: float, run_id: int | None, by: str) -> Canary:
-    from sqlalchemy.exc import IntegrityError
-
     try:
         with session(engine) as s:
             c = Canary(candidate=candidate, control=control, share=share, run_id=run_id, started_by=by)

@@ -87,14 +87,16 @@ def build(services: Services) -> gr.Blocks:
             yield text, history, state, gr.skip(), f"Not sent: {why} Nothing was stored; edit and send again."
             raise gr.Error(f"{why} Nothing was stored; try again.") from None
 
-    def past(request: gr.Request):
+    def conversations(request: gr.Request, shown: int | None):
         """The user's conversations to pick from (their own only: the server's identity picks them)."""
-        return gr.update(choices=[(label, cid) for cid, label in chat.conversations(_author(request))], value=None)
+        return gr.update(choices=[(label, cid) for cid, label in chat.conversations(_author(request))], value=shown)
+
+    def past(request: gr.Request):
+        return conversations(request, None)
 
     def past_after_turn(state: dict, request: gr.Request):
-        """The list again once a turn is stored (a new conversation joins it), showing the one in the chat."""
-        return gr.update(choices=[(label, cid) for cid, label in chat.conversations(_author(request))],
-                         value=state["conversation_id"])
+        """Once a turn is stored (a new conversation joins the list), showing the one in the chat."""
+        return conversations(request, state["conversation_id"])
 
     def open_conversation(cid: int | None, request: gr.Request):
         """Show a past conversation (corrected answers as corrected) and continue it with the next message."""
