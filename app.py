@@ -119,10 +119,7 @@ def serve(host: str | None = typer.Option(None, help="Override TUNELOOP_HOST."),
         uvicorn.run(web, host=settings.host, port=settings.port, log_level="warning", proxy_headers=False)
     finally:
         scheduler.shutdown(wait=False)
-        services.writer.close()  # commit what is still queued
-        services.residency.close()  # queued loads and unloads are moot once vLLM stops
-        if services.supervisor:
-            services.supervisor.stop()
+        services.close()
         shapes.join(30)  # a daemon thread still importing torch as the interpreter ends can abort the exit
 
 

@@ -23,7 +23,9 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    method: Literal["lora", "qlora", "full"] = Field("lora", description="Fine-tuning method.")
+    method: Literal["lora", "qlora", "full"] = Field(
+        "lora", description="Fine-tuning method: `lora`, `qlora` (4-bit base, GPU), or `full` (every weight; served blue-green by a "
+                            "vLLM of its own).")
     r: int = Field(16, ge=1, description="LoRA rank (must not exceed MAX_LORA_RANK).")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha (the update is scaled by alpha/rank).")
     lora_dropout: float = Field(
@@ -32,7 +34,9 @@ class TrainConfig(BaseModel):
     target_modules: str = Field(
         "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
         description="Comma-separated module names that get LoRA layers, or `all-linear`.")
-    learning_rate: float = Field(3e-4, gt=0, description="Learning rate.")
+    learning_rate: float = Field(3e-4, gt=0, description="Learning rate (LoRA, QLoRA).")
+    full_learning_rate: float = Field(
+        2e-5, gt=0, description="Learning rate when METHOD=full: every weight moves, so an order of magnitude below LoRA's.")
     num_train_epochs: float = Field(2, gt=0, description="Most epochs over the curated training set (early stopping may end sooner).")
     per_device_train_batch_size: int = Field(8, ge=1, description="Sequences per optimizer step.")
     max_length: int = Field(512, ge=16, description="Longest training row in tokens; longer rows are cut.")
@@ -41,6 +45,13 @@ class TrainConfig(BaseModel):
     early_stopping_patience: int = Field(2, ge=1, description="Stop after this many evaluations without a lower validation loss.")
     preference_stage: Literal["none", "dpo", "kto"] = Field(
         "none", description="Optional second stage on the same adapter: DPO on correction pairs, or KTO on thumbs.")
+
+    @model_validator(mode="after")
+    def _full(self) -> TrainConfig:
+        if self.method == "full" and self.preference_stage != "none":
+            raise ValueError(f"PREFERENCE_STAGE={self.preference_stage} continues a LoRA adapter against its adapter-disabled "
+                             "base; with METHOD=full set PREFERENCE_STAGE=none, or train with METHOD=lora")
+        return self
 
     @field_validator("target_modules")
     @classmethod

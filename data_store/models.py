@@ -63,7 +63,9 @@ class Adapter(SQLModel, table=True):
     name: str = Field(max_length=64, unique=True)  # never reused: vLLM caches by name
     path: str
     base_model: str
-    rank: int
+    rank: int  # 0 for a full fine-tune
+    # lora: loaded into the spawned vLLM at run time; full: every weight, served by a vLLM of its own (serve/fleet.py)
+    kind: str = Field(default="lora", max_length=8)
     status: str = Field(default="registered", max_length=16)  # registered | rejected
     parent: str | None = Field(default=None, max_length=64)
     created_at: datetime = Field(default_factory=now)

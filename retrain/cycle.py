@@ -25,7 +25,7 @@ from data_store.models import Adapter, EvalResult, Example, TrainingRun, now
 from retrain import dataset, evaluate, examples, export, gate
 from retrain.evaluate import Case, Scored, Scorer, nll_for
 from retrain.runs import update
-from retrain.train import EVENT, TrainSpec, launch_command
+from retrain.train import EVENT, TrainSpec, launch_command, output_dir
 from serve import adapters, canary
 from serve.client import VLLMClient
 from settings import Settings
@@ -209,8 +209,9 @@ def train(deps: Deps, run: Run, files: Files) -> list[dict]:
 
 
 def register(deps: Deps, run: Run, history: list[dict], parent: str | None) -> Adapter:
-    """The trained adapter becomes an immutable version, the child of the one it was judged against."""
-    row = adapters.register(deps.engine, deps.settings, deps.base_model, run.workdir / "out" / "adapter", parent=parent)
+    """The trained adapter (or full model) becomes an immutable version, the child of the one it was judged against."""
+    row = adapters.register(deps.engine, deps.settings, deps.base_model,
+                            output_dir(run.workdir / "out", deps.settings.train.method), parent=parent)
     update(deps.engine, run.id, adapter=row.name, history=history)
     deps.on_event({"status": "evaluating", "adapter": row.name})
     return row

@@ -21,9 +21,11 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from retrain.dataset import Item
+from serve.adapters import is_full
 from serve.client import VLLMClient
 from serve.vllm_server import grouped_lora_ops, has_gpu
 from settings import Settings
@@ -169,10 +171,15 @@ class Likelihood(_Rows):
         import torch
         import torch.nn.functional as F
         from peft import PeftModel
+        from transformers import AutoModelForCausalLM
 
         rows = [self._row(c) for c in cases]  # a template problem shows before the adapter is loaded
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
-        model = PeftModel.from_pretrained(self.base, adapter_dir) if adapter_dir else self.base
+        full = adapter_dir is not None and is_full(Path(adapter_dir))  # a full fine-tune: its own weights
+        if full:
+            model = AutoModelForCausalLM.from_pretrained(adapter_dir, dtype=torch.float32).eval()
+        else:
+            model = PeftModel.from_pretrained(self.base, adapter_dir) if adapter_dir else self.base
         out = [0.0] * len(rows)
         try:
             with torch.no_grad():
@@ -192,7 +199,7 @@ class Likelihood(_Rows):
                     for j, i in enumerate(batch):
                         out[i] = float(nll[j].sum() / (target[j] != -100).sum())
         finally:
-            if adapter_dir:
+            if adapter_dir and not full:
                 self.base = model.unload()  # take the LoRA layers out again, for the next version
         return out
 

@@ -1,10 +1,11 @@
-"""Train a LoRA (or QLoRA) adapter with TRL's SFTTrainer and PEFT, in its own process.
+"""Train a LoRA (or QLoRA) adapter with TRL's SFTTrainer and PEFT, or every weight (full), in its own process.
 
 Run as: python -m retrain.train SPEC.json
 SPEC names the base model, the train/val JSONL files (TRL's conversational prompt/completion
 format, so the loss covers only the answer), the output directory and the TrainConfig. Progress
 goes to stdout as lines "TUNELOOP_EVENT {json}": {"step", "max_steps", "loss"|"eval_loss", "eta_s"}.
-The adapter is saved to OUT/adapter; the parent registers it (metadata last, atomic rename).
+The adapter is saved to OUT/adapter (a full fine-tune to OUT/model, with the tokenizer); the parent registers
+it (metadata last, atomic rename).
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ def launch_command(spec_file: Path, processes: int, accelerate_config: str, gpus
     return [sys.executable, "-m", "accelerate.commands.launch", *how, "-m", "retrain.train", str(spec_file)]
 
 
+def output_dir(out_dir: str | Path, method: str) -> Path:
+    """Where the trained version is saved: an adapter, or a full fine-tune's whole model."""
+    return Path(out_dir) / ("model" if method == "full" else "adapter")
+
+
 def sft_config(spec: TrainSpec, gpu: bool, has_val: bool, steps_per_epoch: int, **overrides):
     """tuneloop's training configuration (bench/training.py measures it against TRL's defaults)."""
     from trl import SFTConfig
@@ -80,7 +86,7 @@ def sft_config(spec: TrainSpec, gpu: bool, has_val: bool, steps_per_epoch: int, 
     return SFTConfig(**{**dict(
         output_dir=str(Path(spec.out_dir) / "checkpoints"), num_train_epochs=c.num_train_epochs,
         per_device_train_batch_size=c.per_device_train_batch_size, per_device_eval_batch_size=c.per_device_train_batch_size,
-        learning_rate=c.learning_rate, lr_scheduler_type="constant_with_warmup",
+        learning_rate=c.full_learning_rate if c.method == "full" else c.learning_rate, lr_scheduler_type="constant_with_warmup",
         warmup_steps=min(5, steps_per_epoch), max_length=c.max_length, seed=c.seed,
         # TRL defaults to bf16 and gradient checkpointing even on CPU, where bf16 is 50-100x slower
         # and checkpointing only re-computes; a 135M model fits without it.
@@ -198,10 +204,7 @@ def train(spec: TrainSpec) -> Path:
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, TrainerCallback
     c = spec.config
-    if c.method not in ("lora", "qlora"):
-        raise SystemExit(f"TUNELOOP_TRAIN__METHOD={c.method!r}: only lora and qlora produce an adapter vLLM can hot-swap")
     gpu = torch.cuda.is_available()
-    out = Path(spec.out_dir)
     data = load_dataset("json", data_files={"train": spec.train_file, **({"val": spec.val_file} if spec.val_file else {})})
     has_val = "val" in data and len(data["val"]) > 0
     tok = AutoTokenizer.from_pretrained(spec.base_model)
@@ -217,7 +220,7 @@ def train(spec: TrainSpec) -> Path:
     config = sft_config(spec, gpu, has_val, steps_per_epoch=max(1, -(-len(data["train"]) // c.per_device_train_batch_size)),
                         **batching(longest, c.max_length))
     emit(batching="padding-free" if config.padding_free else f"padded (a row of {longest} tokens is cut to {c.max_length})")
-    lora = lora_config(c)
+    lora = lora_config(c) if c.method != "full" else None  # full: every weight trains
 
     started = time.monotonic()
 
@@ -239,9 +242,11 @@ def train(spec: TrainSpec) -> Path:
     model = trainer.model
     if c.preference_stage != "none" and spec.preference_file:
         model = preference_stage(spec, model, tok, gpu, Progress())
-    adapter = out / "adapter"
+    adapter = output_dir(spec.out_dir, c.method)
     if main_process():
         model.save_pretrained(adapter, safe_serialization=True)
+        if c.method == "full":  # vLLM reads the tokenizer and chat template from the model's directory
+            tok.save_pretrained(adapter)
     best = trainer.state.best_metric
     emit(done=True, adapter=str(adapter), steps=trainer.state.global_step, best_eval_loss=best,
          seconds=round(time.monotonic() - started, 1))

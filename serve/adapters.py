@@ -1,5 +1,7 @@
-"""Adapter registry: validate, store immutable versions, promote and roll back.
+"""Version registry: validate, store immutable versions, promote and roll back.
 
+A version is a LoRA adapter (loaded into the spawned vLLM at run time) or a full fine-tune (every
+weight; served by a vLLM server of its own, started blue-green: serve/fleet.py).
 Each version lives in data_dir/adapters/NAME, written to a staging directory and renamed into
 place only when complete (metadata last). Names are never reused, because vLLM caches by name.
 Which version serves is the newest Deployment row that was not rolled back.
@@ -29,6 +31,9 @@ from settings import Settings
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 METADATA = "tuneloop-adapter.json"
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".ckpt"}
+# What a full version's directory keeps: weights, configs and the tokenizer (vLLM reads all from it).
+FULL_SUFFIXES = {".safetensors", ".json", ".txt", ".jinja", ".model"}
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
 
 class AdapterError(Refused):
@@ -37,10 +42,17 @@ class AdapterError(Refused):
 
 @dataclass(frozen=True)
 class AdapterInfo:
-    rank: int
+    rank: int  # 0: a full fine-tune
     base_model: str
     target_modules: tuple[str, ...]
     sha256: str
+    kind: str = "lora"
+
+
+def is_full(path: Path) -> bool:
+    """A whole model's directory (a full fine-tune), not a PEFT adapter's."""
+    path = Path(path)
+    return (path / "config.json").exists() and not (path / "adapter_config.json").exists()
 
 
 def check_name(name: str) -> str:
@@ -53,15 +65,20 @@ def check_name(name: str) -> str:
 
 # ---- validation (reads files, asks nothing of vLLM) ----
 
-def validate(path: Path, settings: Settings, base_model: str) -> AdapterInfo:
-    """Check an adapter directory is something vLLM can load for this base model."""
+def validate(path: Path, settings: Settings, base_model: str, digest: bool = True) -> AdapterInfo:
+    """Check a version's directory is something vLLM can load for this base model: a LoRA adapter, or a full
+    fine-tune of it. digest=False skips hashing the weights (checked again at each promotion: a full model's
+    are hundreds of MB; truncation is still caught by the sizes)."""
     path = Path(path)
     if not path.is_dir():
-        raise AdapterError(f"{path} is not a directory; give the PEFT adapter directory (with adapter_config.json)")
+        raise AdapterError(f"{path} is not a directory; give the PEFT adapter directory (with adapter_config.json) or a "
+                           "fully fine-tuned model's (with config.json)")
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise AdapterError(f"{path} holds pickle weights ({', '.join(pickles)}), which can run code on load; save with "
                            "safe_serialization=True")
+    if is_full(path):
+        return _validate_full(path, base_model, digest)
     cfg_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
     if not cfg_file.exists():
         raise AdapterError(f"{path} has no adapter_config.json; is it a PEFT adapter directory?")
@@ -84,7 +101,33 @@ def validate(path: Path, settings: Settings, base_model: str) -> AdapterInfo:
         raise AdapterError(f"{path} was trained on {trained_on!r}, but the service runs {base_model!r}; train it on the served base model")
     shapes = _safetensors_shapes(weights)
     _check_shapes(path, shapes, base_model)
-    return AdapterInfo(rank, trained_on or base_model, tuple(sorted(set(cfg.get("target_modules") or []))), _sha256(weights))
+    return AdapterInfo(rank, trained_on or base_model, tuple(sorted(set(cfg.get("target_modules") or []))),
+                       _sha256([weights]) if digest else "")
+
+
+def _validate_full(path: Path, base_model: str, digest: bool) -> AdapterInfo:
+    """A full fine-tune of the served base model: its architecture, every tensor's name and shape (so the
+    chat template and tokenizer still fit), complete safetensors, and a tokenizer for vLLM to read."""
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except ValueError as e:
+        raise AdapterError(f"{path / 'config.json'} is not valid JSON ({e})") from None
+    missing = [f for f in TOKENIZER_FILES if not (path / f).exists()]
+    if missing:
+        raise AdapterError(f"{path} has no {', '.join(missing)}; save the tokenizer beside the model (tokenizer.save_pretrained)")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise AdapterError(f"{path} has no .safetensors weights; save the model with safe_serialization=True")
+    shapes = {k: v for f in files for k, v in _safetensors_shapes(f).items()}
+    architectures, _, tensors, tied = base_shapes(base_model)
+    if cfg.get("architectures") != architectures:
+        raise AdapterError(f"{path} is a {cfg.get('architectures')} model, but the service runs {base_model!r} "
+                           f"({architectures}); fine-tune the served base model")
+    if wrong := sorted(k for k in set(shapes) | set(tensors) if shapes.get(k) != tensors.get(k) and k not in tied):
+        k = wrong[0]
+        raise AdapterError(f"{path}: tensor {k!r} is {shapes.get(k, 'missing')}, but in {base_model} it is "
+                           f"{tensors.get(k, 'absent')} ({len(wrong)} differ); was it trained on another model?")
+    return AdapterInfo(0, base_model, (), _sha256(files) if digest else "", kind="full")
 
 
 def _safetensors_shapes(file: Path) -> dict[str, list[int]]:
@@ -129,23 +172,32 @@ def _check_shapes(path: Path, shapes: dict[str, list[int]], base_model: str) -> 
                                "trained on another model?")
 
 
-@lru_cache(maxsize=4)
 def base_linears(base_model: str) -> dict[str, tuple[int, int]]:
-    """Every Linear in the base model, by name, with (in, out) features; built on the meta device."""
+    """Every Linear in the base model, by name, with (in, out) features."""
+    return base_shapes(base_model)[1]
+
+
+@lru_cache(maxsize=4)
+def base_shapes(base_model: str) -> tuple[list[str], dict[str, tuple[int, int]], dict[str, list[int]], set[str]]:
+    """The base model built on the meta device: its architectures, every Linear's (in, out) by name, every saved
+    tensor's shape, and the tied ones (an LM head that is the embedding may be absent from a checkpoint)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(base_model)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    tensors = {k: list(v.shape) for k, v in model.state_dict().items()}
+    return (config.architectures, {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)},
+            tensors, {k for k in tensors if k.startswith("lm_head.")} if config.tie_word_embeddings else set())
 
 
-def _sha256(file: Path) -> str:
+def _sha256(files: list[Path]) -> str:
     h = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for file in files:
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()
 
 
@@ -162,7 +214,7 @@ def next_name(engine: Engine) -> str:
 
 def register(engine: Engine, settings: Settings, base_model: str, src: Path, name: str | None = None,
              parent: str | None = None, metrics: dict | None = None) -> Adapter:
-    """Copy a validated adapter into its own immutable version directory and record it."""
+    """Copy a validated adapter (or full fine-tune) into its own immutable version directory and record it."""
     name = check_name(next_name(engine) if name is None else name)
     with session(engine) as s:
         if s.exec(select(Adapter).where(Adapter.name == name)).first():
@@ -176,10 +228,10 @@ def register(engine: Engine, settings: Settings, base_model: str, src: Path, nam
     shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.mkdir()
-        for f in ("adapter_config.json", "adapter_model.safetensors"):
+        for f in _files(Path(src), info):
             shutil.copyfile(Path(src) / f, staging / f)
         _check_copy(staging, info)
-        meta = {"name": name, "base_model": base_model, "rank": info.rank, "parent": parent,
+        meta = {"name": name, "kind": info.kind, "base_model": base_model, "rank": info.rank, "parent": parent,
                 "sha256": info.sha256, "target_modules": list(info.target_modules)}
         (staging / METADATA).write_text(json.dumps(meta, indent=2))  # last: marks the copy complete
         for f in staging.iterdir():
@@ -188,7 +240,8 @@ def register(engine: Engine, settings: Settings, base_model: str, src: Path, nam
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    row = Adapter(name=name, path=str(dest), base_model=base_model, rank=info.rank, parent=parent, metrics=metrics or {})
+    row = Adapter(name=name, path=str(dest), base_model=base_model, rank=info.rank, kind=info.kind, parent=parent,
+                  metrics=metrics or {})
     try:
         with session(engine) as s:
             s.add(row)
@@ -198,8 +251,15 @@ def register(engine: Engine, settings: Settings, base_model: str, src: Path, nam
     return row
 
 
+def _files(src: Path, info: AdapterInfo) -> list[str]:
+    if info.kind == "lora":
+        return ["adapter_config.json", "adapter_model.safetensors"]
+    return sorted(p.name for p in src.iterdir() if p.is_file() and p.suffix in FULL_SUFFIXES and p.name != METADATA)
+
+
 def _check_copy(staging: Path, info: AdapterInfo) -> None:
-    if _sha256(staging / "adapter_model.safetensors") != info.sha256:
+    weights = sorted(staging.glob("*.safetensors")) if info.kind == "full" else [staging / "adapter_model.safetensors"]
+    if _sha256(weights) != info.sha256:
         raise AdapterError(f"copy into {staging} does not match the source; check the disk")
 
 
@@ -244,8 +304,13 @@ def active(engine: Engine) -> str | None:
 
 
 def resident(engine: Engine) -> list[str]:
-    """The versions vLLM keeps loaded: the active one, then the one a rollback returns to."""
-    return [d.adapter for d in _live(engine)[:2]]
+    """The versions vLLM keeps loaded: the active one, then the one a rollback returns to. A full fine-tune
+    that stopped serving is not kept: its vLLM server is stopped, and a rollback to it starts one again
+    (blue-green, as its promotion did), so that at most two servers hold weights at once."""
+    names = [d.adapter for d in _live(engine)[:2]]
+    if len(names) == 2 and names[1] is not None and (row := find(engine, names[1])) is not None and row.kind == "full":
+        return names[:1]
+    return names
 
 
 # ---- promotion against vLLM (serve/residency.py unloads what drops out, in the background) ----
@@ -262,7 +327,14 @@ def loaded(client: VLLMClient, row: Adapter) -> bool:
 
 def ensure_loaded(client: VLLMClient, row: Adapter) -> None:
     if not loaded(client, row):
-        client.load_adapter(row.name, row.path)
+        _load(client, row)
+
+
+def _load(client: VLLMClient, row: Adapter) -> None:
+    """Into vLLM: a LoRA at run time; a full fine-tune by starting its own server (serve/fleet.py)."""
+    if row.kind == "full" and not client.blue_green:
+        raise AdapterError(f"{row.name!r} is a full fine-tune, served by a vLLM of its own that only TUNELOOP_VLLM_MODE=spawn starts")
+    client.load_adapter(row.name, row.path)
 
 
 def _probe(client: VLLMClient, name: str) -> None:
@@ -273,10 +345,10 @@ def bring_up(client: VLLMClient, row: Adapter, settings: Settings) -> None:
     """Validate the files again; a version vLLM does not hold yet is loaded and probed (on failure vLLM
     is left as it was). One already loaded (a cycle's candidate, the previous version) costs no request
     to the model: that is what makes promotion and rollback one step."""
-    validate(Path(row.path), settings, row.base_model)  # the directory could have been tampered with
+    validate(Path(row.path), settings, row.base_model, digest=False)  # the directory could have been tampered with
     if loaded(client, row):
         return
-    client.load_adapter(row.name, row.path)
+    _load(client, row)
     try:
         _probe(client, row.name)
     except Exception:
@@ -300,7 +372,7 @@ def promote(engine: Engine, client: VLLMClient | None, settings: Settings, name:
     if client is not None:
         bring_up(client, row, settings)
     else:
-        validate(Path(row.path), settings, row.base_model)
+        validate(Path(row.path), settings, row.base_model, digest=False)
     with session(engine) as s:
         s.add(Deployment(adapter=name))
 

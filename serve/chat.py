@@ -105,6 +105,9 @@ class ChatService:
             raise Refused(f"model {model!r}: only curators choose the version that answers; leave model out "
                           "(the active version answers) or log in as a curator", 403)
         if row is not None and not adapters.loaded(self.client, row):
+            if row.kind == "full":  # a server of its own per pinned version would be a whole model's memory each
+                raise Refused(f"model {model!r} is a full fine-tune that is not serving now; it has a vLLM server only while it "
+                              "is active, a canary or judged by a cycle", 409)
             adapters.bring_up(self.client, row, self.settings)  # validated, loaded and probed
         return model
 

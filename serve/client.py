@@ -21,6 +21,8 @@ class VLLMError(RuntimeError):
 
 
 class VLLMClient:
+    blue_green = False  # serves full fine-tunes on servers of their own (serve/fleet.py's Fleet does)
+
     def __init__(self, url: str, timeout: float = 300, transport: httpx.BaseTransport | None = None):
         """`transport` replaces the network (tests pass an httpx.MockTransport to play vLLM's side)."""
         self.url = url.rstrip("/")

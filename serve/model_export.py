@@ -21,7 +21,8 @@ class ExportError(Refused):
 
 def merge(base_model: str, adapter_dir: str | None, out_dir: Path) -> Path:
     """base + adapter folded into plain weights (safetensors) with the tokenizer: loads in
-    transformers and vLLM like any Hugging Face model. adapter None exports the base model."""
+    transformers and vLLM like any Hugging Face model. adapter None exports the base model; a full
+    fine-tune's directory is exported as it is."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -29,8 +30,9 @@ def merge(base_model: str, adapter_dir: str | None, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ExportError(f"{out_dir} exists and is not empty; choose a new directory")
-    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
-    if adapter_dir:
+    full = adapter_dir is not None and (Path(adapter_dir) / "config.json").exists()  # a full fine-tune: nothing to merge
+    model = AutoModelForCausalLM.from_pretrained(adapter_dir if full else base_model, dtype=torch.float32)
+    if adapter_dir and not full:
         model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     staging = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)

@@ -16,6 +16,7 @@ from serve import adapters, canary, zero_adapter
 from serve.auth import CuratorAuth
 from serve.chat import ChatService
 from serve.client import VLLMClient
+from serve.fleet import Fleet
 from serve.identity import Identities
 from serve.model import served_name
 from serve.residency import Residency
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 class Services:
     settings: Settings
     engine: Engine
-    vllm: VLLMClient
+    vllm: VLLMClient | Fleet  # a Fleet where tuneloop spawns vLLM: full fine-tunes get servers of their own
     chat: ChatService
     base_model: str  # what vLLM loaded: a directory or a hub id
     supervisor: VLLMSupervisor | ExternalWatch | None = None
@@ -189,6 +190,18 @@ class Services:
         return active
 
 
-def build(settings: Settings, engine: Engine, client: VLLMClient, base_model: str) -> Services:
+    def close(self) -> None:
+        """At shutdown: commit what is queued, drop queued loads and unloads (moot once vLLM stops), stop vLLM."""
+        self.writer.close()
+        self.residency.close()
+        if self.supervisor:
+            self.supervisor.stop()
+        if isinstance(self.vllm, Fleet):
+            self.vllm.close()
+
+
+def build(settings: Settings, engine: Engine, client: VLLMClient | Fleet, base_model: str) -> Services:
+    if settings.vllm_mode == "spawn" and not isinstance(client, Fleet):
+        client = Fleet(settings, client)
     chat = ChatService(settings, engine, client, served_name(settings), zero_adapter.route(settings))
     return Services(settings, engine, client, chat, base_model)

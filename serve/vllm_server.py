@@ -107,11 +107,13 @@ class VLLMSupervisor:
     """Owns one vLLM process; a watcher thread restarts it if it dies and calls on_ready."""
 
     def __init__(self, settings: Settings, model: str, served_name: str,
-                 on_ready: Callable[[], None] | None = None):
+                 on_ready: Callable[[], None] | None = None, lora: bool = True, log_name: str = "vllm.log"):
+        """lora=False: a plain server on one model's weights (a full fine-tune's, serve/fleet.py)."""
         self.settings = settings
         self.url = settings.served_vllm_url
         self.model = model
         self.served_name = served_name
+        self.lora, self.log_file = lora, settings.logs_dir / log_name
         self.on_ready = on_ready
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
@@ -130,11 +132,11 @@ class VLLMSupervisor:
     def _spawn(self) -> None:
         with self._lock:
             self.settings.logs_dir.mkdir(parents=True, exist_ok=True)
-            logf = open(self.settings.logs_dir / "vllm.log", "ab")
+            logf = open(self.log_file, "ab")
             self.state = "starting"
             # Its own session, so stopping it takes its engine workers down with it.
             self.proc = subprocess.Popen(
-                command(self.settings, self.model, self.served_name), env=environment(self.settings, self.model),
+                command(self.settings, self.model, self.served_name, self.lora), env=environment(self.settings, self.model),
                 stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             )
             logf.close()
@@ -145,14 +147,14 @@ class VLLMSupervisor:
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(
-                    f"vLLM exited with code {self.proc.returncode} during start-up; see {self.settings.logs_dir / 'vllm.log'}"
+                    f"vLLM exited with code {self.proc.returncode} during start-up; see {self.log_file}"
                 )
             if healthy(self.url):
                 self._after_ready()
                 return
             time.sleep(1)
         raise TimeoutError(f"vLLM was not healthy after {self.settings.vllm_startup_timeout_s:.0f}s; "
-                           f"see {self.settings.logs_dir / 'vllm.log'}")
+                           f"see {self.log_file}")
 
     def _after_ready(self) -> None:
         """Ready means serving what the database says is active; until then say why not."""

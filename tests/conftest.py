@@ -85,8 +85,7 @@ def live(tmp_path_factory, default_model):
     services.supervisor = VLLMSupervisor(s, default_model, model.served_name(s), on_ready=services.reload_active)
     services.supervisor.start()
     yield services
-    services.supervisor.stop()
-    client.close()
+    services.close()
 
 
 @pytest.fixture(scope="session")

@@ -19,8 +19,8 @@ LAYERS: list[list[str]] = [
     ["retrain.parse", "retrain.dataset", "retrain.examples", "retrain.importer", "retrain.resplit", "retrain.export",
      "retrain.gate", "retrain.runs"],
     ["feedback.fields", "feedback.curation", "feedback.record"],
-    ["serve.model", "serve.client", "serve.vllm_server", "serve.vllm_lora_ops", "serve.adapters", "serve.zero_adapter",
-     "serve.model_export", "serve.auth", "serve.identity", "serve.canary", "serve.chat", "serve.residency"],
+    ["serve.model", "serve.client", "serve.vllm_server", "serve.vllm_lora_ops", "serve.adapters", "serve.fleet",
+     "serve.zero_adapter", "serve.model_export", "serve.auth", "serve.identity", "serve.canary", "serve.chat", "serve.residency"],
     ["retrain.train", "retrain.evaluate", "retrain.cycle", "retrain.schedule"],
     ["serve.services"],  # the one composition root
     ["serve.app_client", "serve.api", "serve.chat_ui", "feedback.runs_ui", "feedback.canary_ui", "feedback.curation_ui",
