@@ -93,7 +93,8 @@ def sft_config(spec: TrainSpec, gpu: bool, has_val: bool, steps_per_epoch: int, 
         bf16=gpu, gradient_checkpointing=False, use_cpu=not gpu,
         eval_strategy="steps" if has_val else "no", save_strategy="steps" if has_val else "no", eval_steps=every, save_steps=every,
         load_best_model_at_end=has_val, metric_for_best_model="eval_loss", greater_is_better=False,
-        save_total_limit=2, logging_steps=1, report_to=[], dataloader_num_workers=0,
+        # A cycle never resumes: checkpoints hold the weights only (a full fine-tune's optimizer state is twice the model).
+        save_total_limit=2, save_only_model=True, logging_steps=1, report_to=[], dataloader_num_workers=0,
         disable_tqdm=True,  # progress is reported as events; a bar would garble the log
     ), **overrides})
 

@@ -107,13 +107,14 @@ class VLLMSupervisor:
     """Owns one vLLM process; a watcher thread restarts it if it dies and calls on_ready."""
 
     def __init__(self, settings: Settings, model: str, served_name: str,
-                 on_ready: Callable[[], None] | None = None, lora: bool = True, log_name: str = "vllm.log"):
-        """lora=False: a plain server on one model's weights (a full fine-tune's, serve/fleet.py)."""
+                 on_ready: Callable[[], None] | None = None, lora: bool = True, log_name: str = "vllm.log",
+                 env: dict[str, str] | None = None):
+        """lora=False: a plain server on one model's weights (a full fine-tune's, serve/fleet.py); env: its own variables."""
         self.settings = settings
         self.url = settings.served_vllm_url
         self.model = model
         self.served_name = served_name
-        self.lora, self.log_file = lora, settings.logs_dir / log_name
+        self.lora, self.log_file, self.env = lora, settings.logs_dir / log_name, env or {}
         self.on_ready = on_ready
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
@@ -136,7 +137,7 @@ class VLLMSupervisor:
             self.state = "starting"
             # Its own session, so stopping it takes its engine workers down with it.
             self.proc = subprocess.Popen(
-                command(self.settings, self.model, self.served_name, self.lora), env=environment(self.settings, self.model),
+                command(self.settings, self.model, self.served_name, self.lora), env={**environment(self.settings, self.model), **self.env},
                 stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             )
             logf.close()
