@@ -205,7 +205,8 @@ def test_a_full_fine_tune_is_judged_then_served_blue_green_and_rolled_back(live,
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{url}/health", timeout=5)
         print(f"\nblue-green: {during_rollback.ok + during_promote.ok} chats, 0 failed; "
-              f"promotion from cold (start, warm, flip) {to_flip:.1f} s; rollback to the base model {rollback_s:.2f} s; its server's processes {rss / GIB:.2f} GiB RSS")
+              f"promotion from cold (start, warm, flip) {to_flip:.1f} s; rollback to the base model {rollback_s:.2f} s; "
+              f"its server's processes {rss / GIB:.2f} GiB RSS")
     finally:  # the session's vLLM goes on serving the other tests without this store's servers
         for name in list(fleet.servers()):
             fleet.unload_adapter(name)
