@@ -151,7 +151,7 @@ def adapters_list() -> None:
     rows = adapters.list_all(engine)
     typer.echo(f"{'':2}{'name':<16}{'rank':>5}  {'status':<11}{'parent':<16}created")
     for r in rows:
-        typer.echo(f"{'*' if r.name == active else '':2}{r.name:<16}{r.rank:>5}  "
+        typer.echo(f"{'*' if r.name == active else '':2}{r.name:<16}{r.rank if r.kind == 'lora' else 'full':>5}  "
                    f"{r.status:<11}{r.parent or '-':<16}{r.created_at:%Y-%m-%d %H:%M}")
     if active is None:
         typer.echo("* the base model is serving (no adapter active)")
@@ -159,7 +159,7 @@ def adapters_list() -> None:
 
 @adapters_cli.command("add")
 def adapters_add(path: Path, name: str | None = typer.Option(None, help="Version name; default vNNNN.")) -> None:
-    """Register an adapter trained elsewhere (validated, copied into its own version directory)."""
+    """Register an adapter (or a full fine-tune of the base model) trained elsewhere: validated, copied into its own version directory."""
     settings = load_settings()
     engine = open_store(settings)
     try:
