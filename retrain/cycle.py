@@ -186,6 +186,11 @@ def train(deps: Deps, run: Run, files: Files) -> list[dict]:
     spec.dump(run.workdir / "spec.json")
     history: list[dict] = []
     s = deps.settings
+    if s.train.method == "full":  # refused now, not after the training it would waste
+        if not deps.client.blue_green:
+            raise adapters.AdapterError("TRAIN__METHOD=full makes a version served by a vLLM of its own, which tuneloop starts only "
+                                        "with TUNELOOP_VLLM_MODE=spawn; train LoRA versions (TRAIN__METHOD=lora) for an external vLLM")
+        deps.client.check_room("the candidate", deps.base_model)
     command = launch_command(run.workdir / "spec.json", s.accelerate_processes, s.accelerate_config, gpu_count())
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run.log.append(f"training pid {proc.pid}")

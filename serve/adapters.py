@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import struct
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -299,18 +300,21 @@ def _live(engine: Engine) -> list[Deployment]:
 
 def active(engine: Engine) -> str | None:
     """Name of the serving adapter, or None when the base model serves."""
-    live = _live(engine)
-    return live[0].adapter if live else None
+    return next((d.adapter for d in _live(engine)[:1]), None)
+
+
+def previous(engine: Engine) -> str | None:
+    """The version a rollback returns to (None: the base model)."""
+    return next((d.adapter for d in _live(engine)[1:2]), None)
 
 
 def resident(engine: Engine) -> list[str]:
     """The versions vLLM keeps loaded: the active one, then the one a rollback returns to. A full fine-tune
-    that stopped serving is not kept: its vLLM server is stopped, and a rollback to it starts one again
-    (blue-green, as its promotion did), so that at most two servers hold weights at once."""
+    that stopped serving is not kept: its own vLLM server is stopped, and a rollback to it starts one again
+    (blue-green, as its promotion did)."""
     names = [d.adapter for d in _live(engine)[:2]]
-    if len(names) == 2 and names[1] is not None and (row := find(engine, names[1])) is not None and row.kind == "full":
-        return names[:1]
-    return names
+    full = len(names) == 2 and names[1] is not None and getattr(find(engine, names[1]), "kind", "") == "full"
+    return names[:1] if full else names
 
 
 # ---- promotion against vLLM (serve/residency.py unloads what drops out, in the background) ----
@@ -352,18 +356,14 @@ def bring_up(client: VLLMClient, row: Adapter, settings: Settings) -> None:
     try:
         _probe(client, row.name)
     except Exception:
-        try:
+        with suppress(VLLMError):
             client.unload_adapter(row.name)
-        except VLLMError:
-            pass
         raise
 
 
 def promote(engine: Engine, client: VLLMClient | None, settings: Settings, name: str) -> None:
-    """Bring the version up (instant when loaded) and flip the active row.
-
-    With client None (service not running) only the database flips; serve loads it at start.
-    """
+    """Bring the version up (instant when loaded) and flip the active row. With client None (service not
+    running) only the database flips; serve loads it at start."""
     row = get(engine, name)
     if row.status == "rejected":
         raise AdapterError(f"adapter {name!r} was rejected; promote another version")
@@ -382,14 +382,14 @@ def rollback(engine: Engine, client: VLLMClient | None, settings: Settings) -> s
     live = _live(engine)
     if not live:
         raise AdapterError("nothing to roll back: the base model is serving and no adapter was ever promoted")
-    current, previous = live[0], (live[1].adapter if len(live) > 1 else None)
-    if previous is not None and client is not None:
-        bring_up(client, get(engine, previous), settings)
+    back_to = previous(engine)
+    if back_to is not None and client is not None:
+        bring_up(client, get(engine, back_to), settings)
     with session(engine) as s:
-        dep = s.get(Deployment, current.id)
+        dep = s.get(Deployment, live[0].id)
         dep.rolled_back = True
         s.add(dep)
-    return previous
+    return back_to
 
 
 def reload_active(engine: Engine, client: VLLMClient, settings: Settings) -> str | None:

@@ -245,8 +245,9 @@ def router(services: Services) -> APIRouter:
             report["vllm"].update(state=services.supervisor.state, restarts=services.supervisor.restarts,
                                   pid=services.supervisor.proc.pid if services.supervisor.proc else None)
             vllm_ok = vllm_ok and services.supervisor.state == "ready"
-        if services.vllm.blue_green:  # each full fine-tune serving from a vLLM of its own
-            report["vllm"]["full_versions"] = services.vllm.servers()
+        if services.vllm.blue_green:  # each full fine-tune serving from a vLLM of its own, which must be ready too
+            report["vllm"]["full_versions"] = servers = services.vllm.states()
+            vllm_ok = vllm_ok and all(v["state"] == "ready" for v in servers.values())
         report["base_model"] = chat.base_name
         ok = ok and vllm_ok
         return JSONResponse(report, status_code=200 if ok else 503)

@@ -103,6 +103,7 @@ class Fleet:
         self.settings, self.primary, self.url = settings, primary, primary.url
         self._servers: dict[str, tuple[VLLMSupervisor, VLLMClient, str]] = {}  # name -> (its server, client, model dir)
         self._lock = threading.Lock()
+        self._starting = threading.Lock()  # one start at a time: two callers bringing up one version start one server
 
     def _for(self, model: str | None) -> VLLMClient:
         with self._lock:
@@ -123,9 +124,17 @@ class Fleet:
         return self.primary.healthy()
 
     def models(self) -> list[dict[str, Any]]:
+        """The spawned server's models, then each full version's, as its server answers: one restarting (its
+        supervisor brings it back) is left out, so the others' versions stay usable meanwhile."""
         with self._lock:
             servers = list(self._servers.values())
-        return self.primary.models() + [m for _, client, _ in servers for m in client.models()]
+        held = self.primary.models()
+        for _, client, _ in servers:
+            try:
+                held += client.models()
+            except Exception as e:  # noqa: BLE001 - unreachable or erroring: its version is not held now
+                log.warning("a full version's vLLM at %s did not list its models: %s", client.url, e)
+        return held
 
     # ---- versions: LoRA into the spawned server; a full one gets a server of its own ----
     def load_adapter(self, name: str, path: str) -> None:
@@ -147,18 +156,32 @@ class Fleet:
         log.info("stopped %s's vLLM server", name)
 
     def servers(self) -> dict[str, str]:
-        """Each full version served now, with its server's URL (/api/health shows them)."""
+        """Each full version served now, with its server's URL."""
         with self._lock:
             return {name: client.url for name, (_, client, _) in self._servers.items()}
 
+    def states(self) -> dict[str, dict[str, Any]]:
+        """For /api/health: each full version's server, its state and restarts."""
+        with self._lock:
+            return {name: {"url": c.url, "state": sup.state, "restarts": sup.restarts} for name, (sup, c, _) in self._servers.items()}
+
+    def check_room(self, name: str, model_dir: str) -> None:
+        """Refuse, with the numbers, a second server that would not fit in memory (the cycle asks before it trains
+        a full fine-tune, with the base model's size; a start asks again). On a GPU, vLLM sizes itself by
+        --gpu-memory-utilization and refuses on its own."""
+        if not has_gpu() and (why := fits(need(self.settings, Path(model_dir)), available_memory())) is not None:
+            raise BlueGreenError(f"cannot serve full fine-tune {name!r}: {why}")
+
     def start(self, name: str, path: str) -> None:
         """Start, wait for health, warm. Refused before anything starts when it would not fit in memory."""
-        with self._lock:
-            if name in self._servers:
-                return
-        if not has_gpu():  # on a GPU, vLLM sizes itself by --gpu-memory-utilization and refuses on its own
-            if (why := fits(need(self.settings, Path(path)), available_memory())) is not None:
-                raise BlueGreenError(f"cannot serve full fine-tune {name!r}: {why}")
+        with self._starting:
+            with self._lock:
+                if name in self._servers:
+                    return
+            self._start(name, path)
+
+    def _start(self, name: str, path: str) -> None:
+        self.check_room(name, path)
         settings = self.settings.model_copy(update={"vllm_port": _free_port()})
         sup = VLLMSupervisor(settings, path, name, lora=False, log_name=f"vllm-{name}.log", env=cpu_binding(self.settings))
         log.info("starting %s's vLLM server on %s (blue-green)", name, sup.url)

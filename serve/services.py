@@ -69,7 +69,7 @@ class Services:
 
     def rollback(self) -> str | None:
         self._no_canary("roll back")
-        return self.residency.flip(lambda: next(iter(adapters.resident(self.engine)[1:]), None),
+        return self.residency.flip(lambda: adapters.previous(self.engine),
                                    lambda: adapters.rollback(self.engine, self.vllm, self.settings))
 
     def deploy(self, name: str) -> str:

@@ -132,6 +132,8 @@ class VLLMSupervisor:
 
     def _spawn(self) -> None:
         with self._lock:
+            if self._stopping.is_set():  # stopped while the watcher was restarting it: start nothing
+                raise RuntimeError("vLLM was stopped")
             self.settings.logs_dir.mkdir(parents=True, exist_ok=True)
             logf = open(self.log_file, "ab")
             self.state = "starting"
@@ -145,7 +147,7 @@ class VLLMSupervisor:
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + self.settings.vllm_startup_timeout_s
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self._stopping.is_set():
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(
                     f"vLLM exited with code {self.proc.returncode} during start-up; see {self.log_file}"
@@ -154,6 +156,8 @@ class VLLMSupervisor:
                 self._after_ready()
                 return
             time.sleep(1)
+        if self._stopping.is_set():
+            raise RuntimeError("vLLM was stopped while it started")
         raise TimeoutError(f"vLLM was not healthy after {self.settings.vllm_startup_timeout_s:.0f}s; "
                            f"see {self.log_file}")
 
@@ -188,8 +192,9 @@ class VLLMSupervisor:
 
     def stop(self) -> None:
         self._stopping.set()
-        if self.proc is not None:
-            _kill_group(self.proc)
+        with self._lock:  # after a _spawn in progress, so the process it starts is the one killed
+            if self.proc is not None:
+                _kill_group(self.proc)
         self.state = "stopped"
 
 

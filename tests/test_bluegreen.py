@@ -7,13 +7,14 @@ TRAIN__METHOD=full and real vLLM servers, while chats stream.
 import json
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
-from helpers import QUESTION, build_tiny_llama, own_store
+from helpers import QUESTION, build_tiny_llama, own_store, wait_until
 
-from retrain import importer, runs
+from retrain import cycle, importer, runs
 from serve import adapters
 from serve.client import VLLMClient
 from serve.fleet import GIB, BlueGreenError, Fleet, Need, fits
@@ -108,6 +109,19 @@ def test_two_servers_that_do_not_fit_are_refused_before_anything_starts(tiny_mod
     assert e.value.status == 507 and fleet.servers() == {} and not (s.logs_dir / "vllm-f.log").exists()
 
 
+def test_a_full_fine_tune_that_could_not_be_served_is_refused_before_it_trains(tiny_model, tmp_path, settings, engine):
+    full = settings.model_copy(update={"train": TrainConfig(method="full")})  # the fixture's vLLM is external
+    deps = cycle.Deps(full, engine, VLLMClient(full.served_vllm_url), str(tiny_model), "base", lambda name: None)
+    run, files = cycle.Run(1, tmp_path / "run"), cycle.Files(tmp_path / "train.jsonl", None, None, {})
+    run.workdir.mkdir()
+    with pytest.raises(adapters.AdapterError, match="TRAIN__METHOD=full .* only with TUNELOOP_VLLM_MODE=spawn"):
+        cycle.train(deps, run, files)
+    tight = full.model_copy(update={"vllm_mode": "spawn", "vllm_cpu_kvcache_gb": 100_000})
+    with pytest.raises(BlueGreenError, match="cannot serve full fine-tune 'the candidate'.*GiB available"):
+        cycle.train(replace(deps, settings=tight, client=Fleet(tight, VLLMClient(tight.served_vllm_url))), run, files)
+    assert not (run.workdir / "out").exists()  # no training child ran
+
+
 def test_full_training_refuses_a_preference_stage():
     with pytest.raises(ValueError, match="METHOD=full set PREFERENCE_STAGE=none"):
         TrainConfig(method="full", preference_stage="dpo")
@@ -182,12 +196,13 @@ def test_a_full_fine_tune_is_judged_then_served_blue_green_and_rolled_back(live,
 
         # Rollback: the base model answers as before; the full version's server is drained, then stopped.
         with Streams(svc) as during_rollback:
+            wait_until(lambda: during_rollback.by.get(row.name, 0) >= 2, 120)  # users are on the full version's server
             started = time.monotonic()
             assert svc.rollback() is None
             rollback_s = time.monotonic() - started
             assert ask(svc, probe) == base_answer
             svc.residency.wait(300)
-        assert fleet.servers() == {} and during_rollback.failed == []
+        assert fleet.servers() == {} and during_rollback.failed == [] and during_rollback.by.get(None, 0) > 0
 
         # Promoted again by hand, from cold: start green, warm, flip. Then rolled back again.
         with Streams(svc) as during_promote:
