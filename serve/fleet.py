@@ -34,6 +34,10 @@ GIB = 1 << 30
 # One vLLM CPU server beside its weights and KV cache: the Python process, torch, the engine core and its
 # compiled graphs. Measured for the default model here (its processes' RSS less weights and cache): about 3 GiB.
 SERVER_RUNTIME_GIB = 3.0
+# A start that hangs: seen once in about ten starts here, the front end never started its engine (no log line
+# after its config). A normal start never went quiet for more than about 50 s (compiling), so 150 s of silence
+# means hung: that server is stopped and one more is started.
+STALL_S = 150
 
 
 class BlueGreenError(Refused):
@@ -183,13 +187,17 @@ class Fleet:
     def _start(self, name: str, path: str) -> None:
         self.check_room(name, path)
         settings = self.settings.model_copy(update={"vllm_port": _free_port()})
-        sup = VLLMSupervisor(settings, path, name, lora=False, log_name=f"vllm-{name}.log", env=cpu_binding(self.settings))
-        log.info("starting %s's vLLM server on %s (blue-green)", name, sup.url)
-        try:
-            sup.start()
-        except Exception as e:
-            sup.stop()
-            raise BlueGreenError(f"{name!r}'s vLLM server did not come up: {e}", 502) from e
+        for attempt in (1, 2):
+            sup = VLLMSupervisor(settings, path, name, lora=False, log_name=f"vllm-{name}.log", env=cpu_binding(self.settings))
+            log.info("starting %s's vLLM server on %s (blue-green)", name, sup.url)
+            try:
+                sup.start(stall_s=STALL_S)
+                break
+            except Exception as e:
+                sup.stop()
+                if attempt == 2 or "wrote nothing" not in str(e):
+                    raise BlueGreenError(f"{name!r}'s vLLM server did not come up: {e}", 502) from e
+                log.warning("%s; starting it again", e)
         client = VLLMClient(sup.url)
         try:  # warm: the first answers of a fresh server are slow; no user's should be
             for _ in range(2):

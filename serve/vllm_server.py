@@ -123,10 +123,10 @@ class VLLMSupervisor:
         self._watcher: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def start(self, wait: bool = True) -> None:
+    def start(self, wait: bool = True, stall_s: float | None = None) -> None:
         self._spawn()
         if wait:
-            self.wait_ready()
+            self.wait_ready(stall_s)
         self._watcher = threading.Thread(target=self._watch, name="vllm-watch", daemon=True)
         self._watcher.start()
 
@@ -145,8 +145,10 @@ class VLLMSupervisor:
             logf.close()
             log.info("vLLM starting (pid %s) on %s", self.proc.pid, self.url)
 
-    def wait_ready(self) -> None:
+    def wait_ready(self, stall_s: float | None = None) -> None:
+        """stall_s: give up once the log has not grown for that long (a start that hangs writes nothing)."""
         deadline = time.monotonic() + self.settings.vllm_startup_timeout_s
+        grew, size = time.monotonic(), -1
         while time.monotonic() < deadline and not self._stopping.is_set():
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(
@@ -155,6 +157,10 @@ class VLLMSupervisor:
             if healthy(self.url):
                 self._after_ready()
                 return
+            if (now := self.log_file.stat().st_size) != size:
+                grew, size = time.monotonic(), now
+            elif stall_s is not None and time.monotonic() - grew > stall_s:
+                raise TimeoutError(f"vLLM wrote nothing for {stall_s:.0f} s while it started; see {self.log_file}")
             time.sleep(1)
         if self._stopping.is_set():
             raise RuntimeError("vLLM was stopped while it started")

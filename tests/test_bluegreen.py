@@ -204,24 +204,49 @@ def test_a_full_fine_tune_is_judged_then_served_blue_green_and_rolled_back(live,
             svc.residency.wait(300)
         assert fleet.servers() == {} and during_rollback.failed == [] and during_rollback.by.get(None, 0) > 0
 
-        # Promoted again by hand, from cold: start green, warm, flip. Then rolled back again.
+        # Promoted again by hand, from cold: start green, warm, flip.
         with Streams(svc) as during_promote:
             started = time.monotonic()
             svc.promote(row.name)
             to_flip = time.monotonic() - started
-            assert ask(svc, probe)[0] == row.name
-            time.sleep(2)  # streams answered by the new server
+            full_answer = ask(svc, probe)
+            assert full_answer[0] == row.name
+            wait_until(lambda: during_promote.by.get(row.name, 0) >= 2, 120)  # streams answered by the new server
         assert during_promote.failed == [] and during_promote.by.get(row.name, 0) > 0
         url = fleet.servers()[row.name]
         rss = server_rss(url)
-        svc.rollback()
+
+        # Full to full, both ways, while users chat: a second full version (every weight moved) replaces the
+        # first, whose server is drained and stopped; the rollback starts the first's server again, flips back
+        # to its exact answers, and stops the second's.
+        other = adapters.register(svc.engine, svc.settings, svc.base_model, full_copy(Path(svc.base_model), tmp_path / "f2", 1e-3),
+                                  name="f2")
+        with Streams(svc) as full_to_full:
+            svc.promote(other.name)
+            assert ask(svc, probe)[0] == other.name
+            svc.residency.wait(300)
+            assert set(fleet.servers()) == {other.name}
+            other_url = fleet.servers()[other.name]
+            wait_until(lambda: full_to_full.by.get(other.name, 0) >= 2, 120)
+            started = time.monotonic()
+            assert svc.rollback() == row.name
+            back_s = time.monotonic() - started
+            assert ask(svc, probe) == full_answer
+            svc.residency.wait(300)
+            assert set(fleet.servers()) == {row.name}
+        assert full_to_full.failed == [] and full_to_full.by.get(other.name, 0) > 0
+        for stopped in (url, other_url):  # both the first's server of before and the second's are gone
+            if stopped != fleet.servers()[row.name]:
+                with pytest.raises(httpx.TransportError):
+                    httpx.get(f"{stopped}/health", timeout=5)
+
+        svc.rollback()  # the first full version's own deployment (from the cycle) was rolled back: the base model
         svc.residency.wait(300)
         assert ask(svc, probe) == base_answer and fleet.servers() == {}
-        with pytest.raises(httpx.TransportError):
-            httpx.get(f"{url}/health", timeout=5)
-        print(f"\nblue-green: {during_rollback.ok + during_promote.ok} chats, 0 failed; "
-              f"promotion from cold (start, warm, flip) {to_flip:.1f} s; rollback to the base model {rollback_s:.2f} s; "
-              f"its server's processes {rss / GIB:.2f} GiB RSS")
+        chats = during_rollback.ok + during_promote.ok + full_to_full.ok
+        print(f"\nblue-green: {chats} chats, 0 failed; promotion from cold (start, warm, flip) {to_flip:.1f} s; "
+              f"rollback to the base model {rollback_s:.2f} s, to the previous full version (its server started again) "
+              f"{back_s:.1f} s; a full version's server {rss / GIB:.2f} GiB RSS")
     finally:  # the session's vLLM goes on serving the other tests without this store's servers
         for name in list(fleet.servers()):
             fleet.unload_adapter(name)
