@@ -118,7 +118,8 @@ class Settings(BaseSettings):
     vllm_cpu_kvcache_gb: int = Field(2, ge=1, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
     vllm_second_server_cpus: str = Field(
         "", description="CPU cores a full fine-tune's own vLLM server computes on (its VLLM_CPU_OMP_THREADS_BIND, e.g. `1` or `8-15`); "
-                        "empty: the last core, which the first server leaves to its front end. Two servers on one core starve each other.")
+                        "empty: the last core no other full version's server has (the spawned server leaves the last to its front end). "
+                        "Two servers on one core starve each other.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Model dtype; `auto` is float32 on CPU (bf16 is 50-100x slower there) and bfloat16 on GPU."
     )

@@ -82,13 +82,18 @@ def available_memory() -> int:
     raise RuntimeError("/proc/meminfo has no MemAvailable")
 
 
-def cpu_binding(settings: Settings) -> dict[str, str]:
-    """On CPU, the second server computes on other cores than the first: by default the last one, which the
-    first (VLLM_CPU_OMP_THREADS_BIND=auto) keeps for its front end. Both on the same core starve each other:
-    measured on 2 cores, one server's 24-token answers took 42 s instead of 0.7 s."""
+def cpu_binding(settings: Settings, taken: set[str]) -> dict[str, str]:
+    """On CPU, a full version's server computes on other cores than the servers already running: by default
+    the last core not taken by another full version's server, counting down (the first gets the last core,
+    which the spawned server leaves to its front end; a second, started while the first serves during a
+    full-to-full swap, the one before). Two servers on one core starve each other: measured on 2 cores, one
+    server's 24-token answers took 42 s instead of 0.7 s."""
     if has_gpu():
         return {}
-    return {"VLLM_CPU_OMP_THREADS_BIND": settings.vllm_second_server_cpus or str(max(os.sched_getaffinity(0)))}
+    if settings.vllm_second_server_cpus:
+        return {"VLLM_CPU_OMP_THREADS_BIND": settings.vllm_second_server_cpus}
+    cores = [str(c) for c in sorted(os.sched_getaffinity(0), reverse=True)]
+    return {"VLLM_CPU_OMP_THREADS_BIND": next((c for c in cores if c not in taken), cores[0])}
 
 
 def _free_port() -> int:
@@ -188,7 +193,9 @@ class Fleet:
         self.check_room(name, path)
         settings = self.settings.model_copy(update={"vllm_port": _free_port()})
         for attempt in (1, 2):
-            sup = VLLMSupervisor(settings, path, name, lora=False, log_name=f"vllm-{name}.log", env=cpu_binding(self.settings))
+            with self._lock:
+                taken = {sup.env.get("VLLM_CPU_OMP_THREADS_BIND", "") for sup, _, _ in self._servers.values()}
+            sup = VLLMSupervisor(settings, path, name, lora=False, log_name=f"vllm-{name}.log", env=cpu_binding(self.settings, taken))
             log.info("starting %s's vLLM server on %s (blue-green)", name, sup.url)
             try:
                 sup.start(stall_s=STALL_S)
