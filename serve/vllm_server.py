@@ -264,7 +264,10 @@ def _kill_group(proc: subprocess.Popen, grace: float = 10) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        proc.wait()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:  # stuck in the kernel (seen here: in sched_setaffinity); never block on it
+            log.error("vLLM (pid %s) did not exit after SIGKILL; left behind", proc.pid)
 
 
 def healthy(url: str) -> bool:
