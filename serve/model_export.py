@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from data_store.errors import Refused
+from serve.adapters import is_full
 
 
 class ExportError(Refused):
@@ -30,7 +31,7 @@ def merge(base_model: str, adapter_dir: str | None, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ExportError(f"{out_dir} exists and is not empty; choose a new directory")
-    full = adapter_dir is not None and (Path(adapter_dir) / "config.json").exists()  # a full fine-tune: nothing to merge
+    full = adapter_dir is not None and is_full(Path(adapter_dir))  # a full fine-tune: nothing to merge
     model = AutoModelForCausalLM.from_pretrained(adapter_dir if full else base_model, dtype=torch.float32)
     if adapter_dir and not full:
         model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
