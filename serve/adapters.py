@@ -27,6 +27,7 @@ from data_store.db import session
 from data_store.errors import Refused
 from data_store.models import Adapter, Deployment
 from serve.client import VLLMClient, VLLMError
+from serve.model import served_name
 from settings import Settings
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -174,8 +175,7 @@ def _check_shapes(path: Path, shapes: dict[str, list[int]], base_model: str) -> 
 
 
 def base_linears(base_model: str) -> dict[str, tuple[int, int]]:
-    """Every Linear in the base model, by name, with (in, out) features."""
-    return base_shapes(base_model)[1]
+    return base_shapes(base_model)[1]  # every Linear in the base model, by name, with (in, out) features
 
 
 @lru_cache(maxsize=4)
@@ -197,7 +197,7 @@ def _sha256(files: list[Path]) -> str:
     h = hashlib.sha256()
     for file in files:
         with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
+            while block := f.read(1 << 20):
                 h.update(block)
     return h.hexdigest()
 
@@ -217,9 +217,10 @@ def register(engine: Engine, settings: Settings, base_model: str, src: Path, nam
              parent: str | None = None, metrics: dict | None = None) -> Adapter:
     """Copy a validated adapter (or full fine-tune) into its own immutable version directory and record it."""
     name = check_name(next_name(engine) if name is None else name)
-    with session(engine) as s:
-        if s.exec(select(Adapter).where(Adapter.name == name)).first():
-            raise AdapterError(f"adapter name {name!r} is taken; names are never reused, pick another")
+    if name == served_name(settings):  # vLLM serves the base model by that name: the version would take its traffic
+        raise AdapterError(f"adapter name {name!r} is the base model's served name; pick another")
+    if find(engine, name):
+        raise AdapterError(f"adapter name {name!r} is taken; names are never reused, pick another")
     info = validate(Path(src), settings, base_model)
     dest = settings.adapters_dir / name
     if dest.exists():
@@ -265,9 +266,7 @@ def _check_copy(staging: Path, info: AdapterInfo) -> None:
 
 
 def get(engine: Engine, name: str) -> Adapter:
-    check_name(name)  # a hostile name gets the rule, not a lookup
-    row = find(engine, name)
-    if row is None:
+    if (row := find(engine, check_name(name))) is None:  # a hostile name gets the rule, not a lookup
         raise AdapterError(f"no adapter named {name!r}; `tuneloop adapters list` shows the registered ones")
     return row
 

@@ -26,6 +26,7 @@ from retrain import examples, export, schedule
 from serve import adapters
 from serve.chat import ChatService
 from serve.client import VLLMClient
+from serve.model import served_name
 from serve.services import Services
 from serve.web import build_app
 
@@ -65,6 +66,9 @@ def test_paths_outside_the_data_directory_are_refused(settings, engine, tiny_mod
     assert Path(row.path).resolve().parent == settings.adapters_dir.resolve()
     with pytest.raises(adapters.AdapterError, match="is not allowed"):
         adapters.register(engine, settings, str(tiny_model), lora, name="../../escape")
+    # vLLM serves the base model under its served name: a version named so would take the base traffic.
+    with pytest.raises(adapters.AdapterError, match="the base model's served name"):
+        adapters.register(engine, settings, str(tiny_model), lora, name=served_name(settings))
     assert sorted(p.name for p in settings.adapters_dir.iterdir()) == ["v-ok"]
 
 
