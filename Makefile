@@ -52,7 +52,7 @@ model: setup
 
 # Ruff (pyproject.toml's rule sets) first: a lint error fails the run before the half hour of tests.
 test: setup-test model lint
-	TUNELOOP_TEST_PG_URL=$(PG_URL) $(BIN)/python -m pytest -v -ra
+	TUNELOOP_TEST_PG_URL=$(PG_URL) $(BIN)/python -m pytest -v -ra --durations=25
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
