@@ -206,10 +206,10 @@ def router(services: Services) -> APIRouter:
                     "tuneloop": {"kind": kind, "status": status, "active": name == (active or chat.base_name)}}
 
         data = [entry(chat.base_name, started, "base", "base")] if curator or active is None else []
-        data += [entry(r.name, _epoch(r.created_at), "adapter", r.status) for r in rows]
+        data += [entry(r.name, _epoch(r.created_at), r.kind, r.status) for r in rows]  # kind: lora or full
         if active is not None and not curator:
             row = await run_in_threadpool(adapters.find, services.engine, active)
-            data.append(entry(active, _epoch(row.created_at) if row else started, "adapter", "registered"))
+            data.append(entry(active, _epoch(row.created_at) if row else started, row.kind if row else "lora", "registered"))
         return {"object": "list", "data": data}
 
     @api.post("/api/feedback")

@@ -158,5 +158,5 @@ def test_only_curators_pick_a_version_and_list_them_all(settings, engine, tmp_pa
         curator = c.get("/v1/models", auth=("carol", "pw3")).json()
     assert user["object"] == "list" and [(m["id"], m["tuneloop"]["active"]) for m in user["data"]] == [("tiny", True)]
     assert [(m["id"], m["tuneloop"]["kind"], m["tuneloop"]["active"]) for m in curator["data"]] == [
-        ("tiny", "base", True), ("v-1", "adapter", False)]
+        ("tiny", "base", True), ("v-1", "lora", False)]
     assert rows(engine, Message) == 0
