@@ -83,7 +83,7 @@ def build(services: Services) -> gr.Blocks:
         except Refused as e:
             raise gr.Error(str(e)) from None
         table, label = load(*flt)
-        return table, label, f"Feedback {int(fid)} {action}d."
+        return table, label, f"Feedback {int(fid)} {'approved' if action == 'approve' else 'rejected'}."
 
     def act_all(action: str, *flt):
         report = curation.bulk(engine, settings, action, filters(*flt))

@@ -27,11 +27,13 @@ def build(services: Services, demo: gr.Blocks) -> None:
                  r["deployed"] or "", r["summary"] or r["reason"] or "", r["started_at"][:16]] for r in list_runs(engine)]
         return rows or [[""] * len(RUN_COLUMNS)], f"Serving: **{adapters.active(engine) or 'base model'}**"
 
+    # A refusal (a cycle already running, nothing to roll back) is an answer, not a failure: it goes in the
+    # message line, and the table and run details stay as they were (gr.Error would mark every output failed).
     def retrain_now():
         try:
             rid = services.retrain_now()
         except Refused as e:
-            raise gr.Error(str(e)) from None
+            return *table(), f"**Refused:** {e}", gr.update()
         rows, serving = table()
         return rows, serving, f"Run {rid} started; press Refresh to follow it.", rid
 
@@ -39,7 +41,7 @@ def build(services: Services, demo: gr.Blocks) -> None:
         try:
             back = services.rollback()
         except Refused as e:
-            raise gr.Error(str(e)) from None
+            return *table(), f"**Refused:** {e}"
         rows, serving = table()
         return rows, serving, f"Rolled back: {back or 'the base model'} serves again."
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import traceback
 from collections.abc import Callable
@@ -140,9 +141,9 @@ def build(deps: Deps, run: Run, force: bool) -> Data:
                    "(`tuneloop adapters canary status | stop | complete`)")
     new = new_approved_since_last(deps.engine, run.id)
     if new < settings.retrain_min_new_examples and not force:
-        raise Skip(f"only {new} new approved example(s) since the last cycle "
-                   f"(TUNELOOP_RETRAIN_MIN_NEW_EXAMPLES={settings.retrain_min_new_examples}); approve more, "
-                   "or force one with `tuneloop retrain --now --force`")
+        raise Skip(f"only {new} new approved example(s) from feedback since the last cycle "
+                   f"(TUNELOOP_RETRAIN_MIN_NEW_EXAMPLES={settings.retrain_min_new_examples}; imported examples do not count); "
+                   "approve more, or force one with `tuneloop retrain --now --force`")
     built = examples.build(deps.engine)
     labels = evaluate.label_set([it for items in built.splits.values() for it in items] + built.probes)
     test = evaluate.cases(built.splits["test"], labels)
@@ -217,6 +218,9 @@ def register(deps: Deps, run: Run, history: list[dict], parent: str | None) -> A
     """The trained adapter (or full model) becomes an immutable version, the child of the one it was judged against."""
     row = adapters.register(deps.engine, deps.settings, deps.base_model,
                             output_dir(run.workdir / "out", deps.settings.train.method), parent=parent)
+    # The version is its own copy now, and a cycle never resumes: the trainer's output and checkpoints would
+    # only fill the disk (a full fine-tune's are over three times the model).
+    shutil.rmtree(run.workdir / "out", ignore_errors=True)
     update(deps.engine, run.id, adapter=row.name, history=history)
     deps.on_event({"status": "evaluating", "adapter": row.name})
     return row

@@ -21,7 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy.engine import Engine
-from sqlmodel import select
+from sqlmodel import func, select
 
 from data_store.db import session
 from data_store.errors import Refused
@@ -340,10 +340,6 @@ def _load(client: VLLMClient, row: Adapter) -> None:
     client.load_adapter(row.name, row.path)
 
 
-def _probe(client: VLLMClient, name: str) -> None:
-    client.chat({"model": name, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1, "temperature": 0})
-
-
 def bring_up(client: VLLMClient, row: Adapter, settings: Settings) -> None:
     """Validate the files again; a version vLLM does not hold yet is loaded and probed (on failure vLLM
     is left as it was). One already loaded (a cycle's candidate, the previous version) costs no request
@@ -353,7 +349,7 @@ def bring_up(client: VLLMClient, row: Adapter, settings: Settings) -> None:
         return
     _load(client, row)
     try:
-        _probe(client, row.name)
+        client.chat({"model": row.name, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1, "temperature": 0})
     except Exception:
         with suppress(VLLMError):
             client.unload_adapter(row.name)
@@ -380,7 +376,10 @@ def rollback(engine: Engine, client: VLLMClient | None, settings: Settings) -> s
     """Re-activate the version that served before the current one; returns it (None: base model)."""
     live = _live(engine)
     if not live:
-        raise AdapterError("nothing to roll back: the base model is serving and no adapter was ever promoted")
+        with session(engine) as s:
+            ever = s.exec(select(func.count()).select_from(Deployment)).one()
+        raise AdapterError("nothing to roll back: the base model is serving, "
+                           + ("and every promotion has been rolled back already" if ever else "and no version was ever promoted"))
     back_to = previous(engine)
     if back_to is not None and client is not None:
         bring_up(client, get(engine, back_to), settings)

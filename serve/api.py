@@ -247,7 +247,8 @@ def router(services: Services) -> APIRouter:
             vllm_ok = vllm_ok and services.supervisor.state == "ready"
         if services.vllm.blue_green:  # each full fine-tune serving from a vLLM of its own, which must be ready too
             report["vllm"]["full_versions"] = servers = services.vllm.states()
-            vllm_ok = vllm_ok and all(v["state"] == "ready" for v in servers.values())
+            # one still starting serves no one yet (a candidate being judged): the service is not down for it
+            vllm_ok = vllm_ok and all(v["state"] == "ready" for v in servers.values() if v["serving"])
         report["base_model"] = chat.base_name
         ok = ok and vllm_ok
         return JSONResponse(report, status_code=200 if ok else 503)

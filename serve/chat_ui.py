@@ -32,7 +32,8 @@ def text_of(content: Any) -> str:
 
 
 def serving_label(adapter: str | None, base_name: str) -> str:
-    return f"Serving adapter **{adapter}** on {base_name}" if adapter else f"Serving the base model **{base_name}** (no adapter yet)"
+    # a version may be a LoRA adapter or a full fine-tune; both were tuned from the base model
+    return f"Serving version **{adapter}**, tuned from {base_name}" if adapter else f"Serving the base model **{base_name}**"
 
 
 def _author(request: gr.Request | None) -> str:

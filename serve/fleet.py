@@ -113,6 +113,7 @@ class Fleet:
         self._servers: dict[str, tuple[VLLMSupervisor, VLLMClient, str]] = {}  # name -> (its server, client, model dir)
         self._lock = threading.Lock()
         self._starting = threading.Lock()  # one start at a time: two callers bringing up one version start one server
+        self._coming: dict[str, VLLMSupervisor] = {}  # a server being started or warmed, not serving yet (health lists it)
 
     def _for(self, model: str | None) -> VLLMClient:
         with self._lock:
@@ -170,9 +171,13 @@ class Fleet:
             return {name: client.url for name, (_, client, _) in self._servers.items()}
 
     def states(self) -> dict[str, dict[str, Any]]:
-        """For /api/health: each full version's server, its state and restarts."""
+        """For /api/health: each full version's server, its state and restarts, and whether it serves yet. One being
+        started or warmed (a cycle's candidate, a promotion from cold) is listed, but serves no one yet."""
         with self._lock:
-            return {name: {"url": c.url, "state": sup.state, "restarts": sup.restarts} for name, (sup, c, _) in self._servers.items()}
+            coming = {name: {"url": sup.url, "state": "warming" if sup.state == "ready" else "starting",
+                             "restarts": sup.restarts, "serving": False} for name, sup in self._coming.items()}
+            return coming | {name: {"url": c.url, "state": sup.state, "restarts": sup.restarts, "serving": True}
+                             for name, (sup, c, _) in self._servers.items()}
 
     def check_room(self, name: str, model_dir: str) -> None:
         """Refuse, with the numbers, a second server that would not fit in memory (the cycle asks before it trains
@@ -187,7 +192,11 @@ class Fleet:
             with self._lock:
                 if name in self._servers:
                     return
-            self._start(name, path)
+            try:
+                self._start(name, path)
+            finally:
+                with self._lock:
+                    self._coming.pop(name, None)
 
     def _start(self, name: str, path: str) -> None:
         self.check_room(name, path)
@@ -196,6 +205,8 @@ class Fleet:
             with self._lock:
                 taken = {sup.env.get("VLLM_CPU_OMP_THREADS_BIND", "") for sup, _, _ in self._servers.values()}
             sup = VLLMSupervisor(settings, path, name, lora=False, log_name=f"vllm-{name}.log", env=cpu_binding(self.settings, taken))
+            with self._lock:
+                self._coming[name] = sup
             log.info("starting %s's vLLM server on %s (blue-green)", name, sup.url)
             try:
                 sup.start(stall_s=STALL_S)
@@ -215,6 +226,7 @@ class Fleet:
             raise BlueGreenError(f"{name!r}'s vLLM server came up but did not answer: {e}", 502) from e
         with self._lock:
             self._servers[name] = (sup, client, path)
+            self._coming.pop(name, None)
 
     def close(self) -> None:
         """At shutdown: stop every full version's server (the spawned one is its supervisor's)."""

@@ -117,7 +117,7 @@ def test_promote_and_rollback_follow_the_deployment_log(engine, settings, tiny_m
     for name in ("a1", "a2"):
         adapters.register(engine, settings, str(tiny_model), good_adapter, name=name)
     assert adapters.active(engine) is None
-    with pytest.raises(AdapterError, match="nothing to roll back"):
+    with pytest.raises(AdapterError, match="nothing to roll back: .*no version was ever promoted"):
         adapters.rollback(engine, None, settings)
     adapters.promote(engine, None, settings, "a1")
     adapters.promote(engine, None, settings, "a2")
@@ -126,6 +126,8 @@ def test_promote_and_rollback_follow_the_deployment_log(engine, settings, tiny_m
     assert adapters.active(engine) == "a1"
     assert adapters.rollback(engine, None, settings) is None
     assert adapters.active(engine) is None
+    with pytest.raises(AdapterError, match="nothing to roll back: .*every promotion has been rolled back already"):
+        adapters.rollback(engine, None, settings)
     with pytest.raises(AdapterError, match="no adapter named"):
         adapters.promote(engine, None, settings, "nope")
 

@@ -188,13 +188,37 @@ def test_a_full_fine_tune_is_judged_then_served_blue_green_and_rolled_back(live,
         # The cycle trains every weight, starts the candidate's own server to judge it, and promotes it with
         # the gate unchanged (one step: its server is warm from the evaluation), while users chat: paced, so
         # that on 2 cores they do not starve the training child.
+        seen: set[tuple[str, str, bool]] = set()  # what /api/health's full_versions said during the cycle
+        polled = threading.Event()
+
+        def poll() -> None:
+            while not polled.wait(0.5):
+                seen.update((name, v["state"], v["serving"]) for name, v in fleet.states().items())
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
         with Streams(svc, pause=1.0) as during_cycle:
-            run = svc.run_cycle(runs.claim(svc.engine, "full-1"), force=True)
+            flips: list[float] = []
+
+            def timed_deploy(name: str) -> str:  # the service's own deploy, timed: the flip to the warm full server
+                started = time.monotonic()
+                try:
+                    return svc.deploy(name)
+                finally:
+                    flips.append(time.monotonic() - started)
+
+            run = cycle.run_cycle(replace(svc.cycle_deps(), promote=timed_deploy), runs.claim(svc.engine, "full-1"), force=True)
             assert run.status == "succeeded", f"{run.reason}\n{run.log[-3000:]}"
             assert run.decision["deployed"] == "promoted", run.decision["summary"]
             row = adapters.get(svc.engine, run.adapter)
             wait_until(lambda: during_cycle.by.get(row.name, 0) >= 2, 120)  # users now get the full version
+        polled.set()
+        poller.join(10)
         assert row.kind == "full" and set(fleet.servers()) == {row.name}
+        # the version is its own copy: the run's trainer output and checkpoints (over 1 GB) are gone
+        assert Path(row.path).is_dir() and not (svc.settings.data_dir / "runs" / str(run.id) / "out").exists()
+        # listed while it started, serving no one, then as serving once the flip was made
+        assert (row.name, "starting", False) in seen and (row.name, "ready", True) in seen, seen
         assert during_cycle.failed == [] and during_cycle.by.get(None, 0) > 0
         full_answer = ask(svc, probe)
         assert full_answer[0] == row.name and "Zorblax" in full_answer[1]
@@ -215,7 +239,7 @@ def test_a_full_fine_tune_is_judged_then_served_blue_green_and_rolled_back(live,
         # Promotion from cold, full-to-full swaps and a rollback that starts a server again are measured by hand
         # (README): here a server started within seconds of another's stop hung in the kernel (sched_setaffinity).
         print(f"\nblue-green: {during_cycle.ok + during_rollback.ok} chats, 0 failed; rollback to the base model "
-              f"{rollback_s:.2f} s; a full version's server {rss / GIB:.2f} GiB RSS")
+              f"{rollback_s:.2f} s; promotion in the cycle {flips[0]:.2f} s; a full version's server {rss / GIB:.2f} GiB RSS")
     finally:  # the session's vLLM goes on serving the other tests without this store's servers
         for name in list(fleet.servers()):
             fleet.unload_adapter(name)

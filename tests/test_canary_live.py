@@ -1,8 +1,14 @@
 """A canary with real traffic: conversations through the API to the session's vLLM, thumbs through the API,
-and the scheduler's check rolling back a canary whose arm users rate down."""
+and the scheduler's check rolling back a canary whose arm users rate down; a canary started by a passed
+gate, completed with the CLI, and another stopped in the Canary tab."""
 
 import itertools
+import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -70,5 +76,71 @@ def test_a_canary_rated_down_by_users_is_rolled_back_on_its_own(live, tmp_path, 
         svc.rollback()
         svc.residency.wait(60)
         for name in ("control-1", "canary-1"):
+            if name in {m["id"] for m in svc.vllm.models()}:
+                svc.vllm.unload_adapter(name)
+
+
+def test_a_passed_version_starts_a_canary_that_curators_complete_or_stop(live, tmp_path, browser):
+    """The rest of a canary's life, on the session's vLLM and the real app: what a cycle does with a version
+    its gate passed starts a canary when CANARY_SHARE > 0; `tuneloop adapters canary status` shows it and
+    `complete` promotes it (its version then answers every new conversation); a second canary is stopped
+    with the Canary tab's button in Chromium (everyone back on the control, the stopped version not rejected
+    and unloaded once its answers end)."""
+    svc = own_store(live, tmp_path, canary_share=0.5)
+    names = ("control-2", "canary-2", "canary-3")
+    for name in names:
+        adapters.register(svc.engine, svc.settings, live.base_model, build_lora(live.base_model, tmp_path / name, r=8), name=name)
+    svc.promote("control-2")
+    try:
+        with serve_app(svc) as url, httpx.Client(base_url=url, timeout=300) as api:
+            env = {**os.environ, "TUNELOOP_DATA_DIR": str(svc.settings.data_dir), "TUNELOOP_HOST": "127.0.0.1",
+                   "TUNELOOP_PORT": str(urlsplit(url).port)}
+
+            def cli(*args: str) -> str:
+                done = subprocess.run([str(Path(sys.executable).parent / "tuneloop"), "adapters", "canary", *args], env=env,
+                                      capture_output=True, text=True, timeout=300)
+                assert done.returncode == 0, done.stdout + done.stderr
+                return done.stdout
+
+            def new_conversation(i: int) -> str:
+                r = api.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": f"Say a word, {i}."}],
+                                                          "max_tokens": 2, "temperature": 0})
+                assert r.status_code == 200, r.text
+                return r.json()["model"]
+
+            assert svc.deploy("canary-2") == "canary"  # the cycle's step after a passed gate
+            first = canary.running(svc.engine)
+            assert (first.candidate, first.control, first.share, first.started_by) == ("canary-2", "control-2", 0.5, "cycle")
+            assert adapters.active(svc.engine) == "control-2"
+            assert {new_conversation(i) for i in range(12)} == {"canary-2", "control-2"}  # both arms: 1 in 2,048 to fail
+            status = cli("status")
+            assert f"canary {first.id}: canary-2 on 50% of new conversations, against control-2" in status, status
+            assert "canary:" in status and "control:" in status, status
+            assert cli("complete").strip() == f"canary {first.id} completed; canary-2 is active"
+            assert canary.get(svc.engine, first.id).status == "completed" and adapters.active(svc.engine) == "canary-2"
+            assert {new_conversation(100 + i) for i in range(4)} == {"canary-2"}
+
+            started = api.post("/api/canary/start", json={"name": "canary-3", "share": 0.5})
+            assert started.status_code == 200, started.text
+            second = started.json()["id"]
+            page = browser.new_page()
+            page.goto(f"{url}/curate/")
+            page.get_by_role("tab", name="Canary").click()
+            wait_until(lambda: "canary-3 on 50%" in page.locator("#canary-state").inner_text(), timeout=60)
+            page.locator("#canary-stop").click()
+            wait_until(lambda: f"Canary {second} stopped" in page.locator("#canary-message").inner_text(), timeout=60)
+            page.close()
+            assert canary.get(svc.engine, second).status == "stopped"
+            assert adapters.get(svc.engine, "canary-3").status != "rejected" and adapters.active(svc.engine) == "canary-2"
+            assert {new_conversation(200 + i) for i in range(4)} == {"canary-2"}
+            svc.residency.wait(60)
+            assert "canary-3" not in {m["id"] for m in svc.vllm.models()}
+            assert "no canary is running" in cli("status")
+    finally:
+        if canary.running(svc.engine) is not None:
+            svc.end_canary("stop", "test")
+        svc.rollback()
+        svc.residency.wait(60)
+        for name in names:
             if name in {m["id"] for m in svc.vllm.models()}:
                 svc.vllm.unload_adapter(name)

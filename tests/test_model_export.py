@@ -78,6 +78,7 @@ def test_the_gguf_export_runs_in_llama_cpp_with_transformers_greedy_tokens(defau
     params.cpuparams.n_threads = params.cpuparams_batch.n_threads = 2
     params.port = free_port()  # its HTTP listener, unused here, on a free loopback port
     server = xllamacpp.Server(params)  # in process; its HTTP listener is on loopback, unused here
+    answers = []
     try:
         for ids in prompts:
             want = hf.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
@@ -86,8 +87,11 @@ def test_the_gguf_export_runs_in_llama_cpp_with_transformers_greedy_tokens(defau
                                            "ignore_eos": True, "cache_prompt": False})
             got = [t["id"] for t in r["choices"][0]["logprobs"]["content"]]
             assert got == want, (tok.decode(ids), tok.decode(got), tok.decode(want))
+            answers.append(tok.decode(got))
     finally:
         del server
     logged = capfd.readouterr().err
     assert "load" in logged or "srv" in logged  # llama.cpp's log was captured: the check below can fail
     assert "not control-type" not in logged
+    with capfd.disabled():
+        print("".join(f"\nllama.cpp = transformers, 16 greedy tokens: {a!r}" for a in answers))
