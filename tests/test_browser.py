@@ -2,7 +2,7 @@
 
 
 import pytest
-from helpers import serve_app, services_for, wait_until
+from helpers import own_store, serve_app, services_for, wait_until
 from sqlmodel import select
 
 from data_store.db import session
@@ -277,3 +277,18 @@ def test_system_prompt_and_picking_up_a_past_conversation(page, live):
     send(page, "Say it again.")
     third = wait_until(lambda: (m := _last_assistant(live)) and m.id not in (first.id, second.id) and m)
     assert third.conversation_id == first.conversation_id and third.position == 4  # system, user, answer, user, answer
+
+
+def test_a_refused_rollback_is_said_in_the_runs_tab_and_the_table_stays(browser, live, tmp_path):
+    """Nothing was ever promoted in a fresh store: Roll back is refused, and the Runs tab says why in its
+    message line (a refusal is an answer, not a failure that would blank the table)."""
+    svc = own_store(live, tmp_path)
+    with serve_app(svc) as url:
+        page = browser.new_page()
+        page.goto(f"{url}/curate/")
+        page.get_by_role("tab", name="Runs").click()
+        page.locator("#rollback").click()
+        wait_until(lambda: "Refused: nothing to roll back" in page.locator("#runs-message").inner_text(), timeout=60)
+        assert "no version was ever promoted" in page.locator("#runs-message").inner_text()
+        assert "Serving: base model" in page.locator("#runs-serving").inner_text() and page.locator("#runs").is_visible()
+        page.close()
