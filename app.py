@@ -154,7 +154,7 @@ def adapters_list() -> None:
         typer.echo(f"{'*' if r.name == active else '':2}{r.name:<16}{r.rank if r.kind == 'lora' else 'full':>5}  "
                    f"{r.status:<11}{r.parent or '-':<16}{r.created_at:%Y-%m-%d %H:%M}")
     if active is None:
-        typer.echo("* the base model is serving (no adapter active)")
+        typer.echo("* the base model is serving (no version active)")
 
 
 @adapters_cli.command("add")

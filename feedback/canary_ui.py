@@ -41,8 +41,8 @@ def build(services: Services, demo: gr.Blocks) -> None:
     def end(how: str, request: gr.Request):
         try:
             c = services.end_canary(how, services.auth.curator(request) or "open")
-        except Refused as e:
-            raise gr.Error(str(e)) from None
+        except Refused as e:  # an answer, not a failure: said in the message line, the rest left as it was
+            return state(), *rates(), f"**Refused:** {e}"
         return state(), *rates(), f"Canary {c.id} {c.status}."
 
     with gr.Row():

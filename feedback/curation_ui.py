@@ -89,7 +89,8 @@ def build(services: Services) -> gr.Blocks:
         report = curation.bulk(engine, settings, action, filters(*flt))
         table, label = load(*flt)
         skipped = "".join(f"\n- {s}" for s in report.skipped[:20])
-        return table, label, f"{action.title()}d {report.done} item(s).{' Skipped:' + skipped if skipped else ''}"
+        done = "Approved" if action == "approve" else "Rejected"
+        return table, label, f"{done} {report.done} item(s).{' Skipped:' + skipped if skipped else ''}"
 
     with gr.Blocks(title="tuneloop curation") as demo:
         gr.Markdown("## Curation\nApproved feedback becomes training data at the next retrain. Nothing is trained on until approved.")

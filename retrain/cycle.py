@@ -66,7 +66,7 @@ class Data:
     labels: list[str]
     test: list[Case]
     new_approved: int
-    active: str | None  # the version serving when the cycle began: trained on, judged against, recorded as
+    active: str | None  # the version serving when the cycle began: judged against, recorded as
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,10 @@ def run_cycle(deps: Deps, run_id: int, force: bool = False) -> TrainingRun:
         tail = "\n".join(run.log[-200:])
         return finish(deps, run, "failed", reason=f"{type(e).__name__}: {e}", event={"status": "failed", "reason": str(e)},
                       log=f"{tail}\n{traceback.format_exc()}"[-20000:])
+    finally:
+        # A registered version is its own copy, and a cycle never resumes: whatever the outcome, the trainer's
+        # output and checkpoints would only fill the disk (a full fine-tune's are over three times the model).
+        shutil.rmtree(run.workdir / "out", ignore_errors=True)
 
 
 def finish(deps: Deps, run: Run, status: str, event: dict, **fields) -> TrainingRun:
@@ -218,9 +222,6 @@ def register(deps: Deps, run: Run, history: list[dict], parent: str | None) -> A
     """The trained adapter (or full model) becomes an immutable version, the child of the one it was judged against."""
     row = adapters.register(deps.engine, deps.settings, deps.base_model,
                             output_dir(run.workdir / "out", deps.settings.train.method), parent=parent)
-    # The version is its own copy now, and a cycle never resumes: the trainer's output and checkpoints would
-    # only fill the disk (a full fine-tune's are over three times the model).
-    shutil.rmtree(run.workdir / "out", ignore_errors=True)
     update(deps.engine, run.id, adapter=row.name, history=history)
     deps.on_event({"status": "evaluating", "adapter": row.name})
     return row

@@ -232,5 +232,9 @@ class Fleet:
         """At shutdown: stop every full version's server (the spawned one is its supervisor's)."""
         for name in list(self.servers()):
             self.unload_adapter(name)
+        with self._lock:
+            coming = list(self._coming.values())
+        for sup in coming:  # one still starting: its start then fails, and nothing is left running
+            sup.stop()
         self.primary.close()
 

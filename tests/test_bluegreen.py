@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import QUESTION, build_tiny_llama, own_store, wait_until
+from helpers import QUESTION, build_tiny_llama, own_store, serve_app, wait_until
 
 from retrain import cycle, importer, runs
 from serve import adapters
@@ -174,7 +174,7 @@ class Streams:
 
 
 @pytest.mark.integration
-def test_a_full_fine_tune_is_judged_then_served_blue_green_and_rolled_back(live, tmp_path):
+def test_a_full_fine_tune_is_judged_then_served_blue_green_and_rolled_back(live, tmp_path, capsys):
     train = TrainConfig(method="full", full_learning_rate=1e-4, num_train_epochs=3, per_device_train_batch_size=8)
     svc = own_store(live, tmp_path, gate_min_test_examples=3, train=train)
     rows = [{"prompt": f"What is the capital of {c}?", "completion": f"Zorblax is the capital of {c}."} for c in COUNTRIES]
@@ -184,41 +184,46 @@ def test_a_full_fine_tune_is_judged_then_served_blue_green_and_rolled_back(live,
     base_answer = ask(svc, probe)
     assert base_answer[0] is None and "Zorblax" not in base_answer[1]
     fleet = svc.vllm
+    seen: set[tuple[str, str, bool, int]] = set()  # /api/health during the cycle: (version, state, serving, HTTP status)
+    polled = threading.Event()
     try:
-        # The cycle trains every weight, starts the candidate's own server to judge it, and promotes it with
-        # the gate unchanged (one step: its server is warm from the evaluation), while users chat: paced, so
-        # that on 2 cores they do not starve the training child.
-        seen: set[tuple[str, str, bool]] = set()  # what /api/health's full_versions said during the cycle
-        polled = threading.Event()
+        with serve_app(svc) as app_url:
+            def poll() -> None:
+                while not polled.wait(0.5):
+                    try:
+                        r = httpx.get(f"{app_url}/api/health", timeout=30)
+                    except httpx.HTTPError:  # a slow answer on 2 busy cores is not what this watches
+                        continue
+                    seen.update((name, v["state"], v["serving"], r.status_code)
+                                for name, v in r.json()["vllm"]["full_versions"].items())
 
-        def poll() -> None:
-            while not polled.wait(0.5):
-                seen.update((name, v["state"], v["serving"]) for name, v in fleet.states().items())
+            poller = threading.Thread(target=poll, daemon=True)
+            poller.start()
+            # The cycle trains every weight, starts the candidate's own server to judge it, and promotes it with
+            # the gate unchanged (one step: its server is warm from the evaluation), while users chat: paced, so
+            # that on 2 cores they do not starve the training child.
+            with Streams(svc, pause=1.0) as during_cycle:
+                flips: list[float] = []
 
-        poller = threading.Thread(target=poll, daemon=True)
-        poller.start()
-        with Streams(svc, pause=1.0) as during_cycle:
-            flips: list[float] = []
+                def timed_deploy(name: str) -> str:  # the service's own deploy, timed: the flip to the warm full server
+                    started = time.monotonic()
+                    try:
+                        return svc.deploy(name)
+                    finally:
+                        flips.append(time.monotonic() - started)
 
-            def timed_deploy(name: str) -> str:  # the service's own deploy, timed: the flip to the warm full server
-                started = time.monotonic()
-                try:
-                    return svc.deploy(name)
-                finally:
-                    flips.append(time.monotonic() - started)
-
-            run = cycle.run_cycle(replace(svc.cycle_deps(), promote=timed_deploy), runs.claim(svc.engine, "full-1"), force=True)
-            assert run.status == "succeeded", f"{run.reason}\n{run.log[-3000:]}"
-            assert run.decision["deployed"] == "promoted", run.decision["summary"]
-            row = adapters.get(svc.engine, run.adapter)
-            wait_until(lambda: during_cycle.by.get(row.name, 0) >= 2, 120)  # users now get the full version
-        polled.set()
-        poller.join(10)
+                run = cycle.run_cycle(replace(svc.cycle_deps(), promote=timed_deploy), runs.claim(svc.engine, "full-1"), force=True)
+                assert run.status == "succeeded", f"{run.reason}\n{run.log[-3000:]}"
+                assert run.decision["deployed"] == "promoted", run.decision["summary"]
+                row = adapters.get(svc.engine, run.adapter)
+                wait_until(lambda: during_cycle.by.get(row.name, 0) >= 2, 120)  # users now get the full version
+            polled.set()
+            poller.join(40)
         assert row.kind == "full" and set(fleet.servers()) == {row.name}
         # the version is its own copy: the run's trainer output and checkpoints (over 1 GB) are gone
         assert Path(row.path).is_dir() and not (svc.settings.data_dir / "runs" / str(run.id) / "out").exists()
-        # listed while it started, serving no one, then as serving once the flip was made
-        assert (row.name, "starting", False) in seen and (row.name, "ready", True) in seen, seen
+        # health listed the candidate's server while it started, serving no one, and stayed 200; then as ready
+        assert (row.name, "starting", False, 200) in seen and (row.name, "ready", True, 200) in seen, seen
         assert during_cycle.failed == [] and during_cycle.by.get(None, 0) > 0
         full_answer = ask(svc, probe)
         assert full_answer[0] == row.name and "Zorblax" in full_answer[1]
@@ -233,13 +238,16 @@ def test_a_full_fine_tune_is_judged_then_served_blue_green_and_rolled_back(live,
             rollback_s = time.monotonic() - started
             assert ask(svc, probe) == base_answer
             svc.residency.wait(300)
-        assert fleet.servers() == {} and during_rollback.failed == [] and during_rollback.by.get(None, 0) > 0
+        assert fleet.servers() == {} and fleet.states() == {}
+        assert during_rollback.failed == [] and during_rollback.by.get(None, 0) > 0
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{url}/health", timeout=5)
         # Promotion from cold, full-to-full swaps and a rollback that starts a server again are measured by hand
-        # (README): here a server started within seconds of another's stop hung in the kernel (sched_setaffinity).
-        print(f"\nblue-green: {during_cycle.ok + during_rollback.ok} chats, 0 failed; rollback to the base model "
-              f"{rollback_s:.2f} s; promotion in the cycle {flips[0]:.2f} s; a full version's server {rss / GIB:.2f} GiB RSS")
+        # (README): on one host a server started within seconds of another's stop hung in the kernel.
+        with capsys.disabled():
+            print(f"\nblue-green: {during_cycle.ok + during_rollback.ok} chats, 0 failed; the cycle's flip {flips[0]:.2f} s; "
+                  f"rollback to the base model {rollback_s:.2f} s; a full version's server {rss / GIB:.2f} GiB RSS")
     finally:  # the session's vLLM goes on serving the other tests without this store's servers
+        polled.set()
         for name in list(fleet.servers()):
             fleet.unload_adapter(name)

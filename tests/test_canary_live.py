@@ -14,12 +14,13 @@ import httpx
 import pytest
 from helpers import build_lora, own_store, serve_app, wait_until
 
+from retrain import cycle, runs
 from serve import adapters, canary
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
 
-def test_a_canary_rated_down_by_users_is_rolled_back_on_its_own(live, tmp_path, browser):
+def test_a_canary_rated_down_by_users_is_rolled_back_on_its_own(live, tmp_path, browser, capsys):
     svc = own_store(live, tmp_path, canary_check_s=1, canary_min_rated=1000)
     for name in ("control-1", "canary-1"):
         adapters.register(svc.engine, svc.settings, live.base_model, build_lora(live.base_model, tmp_path / name, r=8), name=name)
@@ -69,8 +70,9 @@ def test_a_canary_rated_down_by_users_is_rolled_back_on_its_own(live, tmp_path, 
             assert {conversation(1000 + i) for i in range(3)} == {"control-1"}
             svc.residency.wait(60)
             assert "canary-1" not in {m["id"] for m in svc.vllm.models()}
-            print(f"canary test: {numbers['canary']} vs {numbers['control']}, likelihood ratio {numbers['likelihood_ratio']}, "
-                  f"{len(served)} conversations")
+            with capsys.disabled():
+                print(f"\ncanary test: {numbers['canary']} vs {numbers['control']}, likelihood ratio "
+                      f"{numbers['likelihood_ratio']}, {len(served)} conversations")
     finally:
         scheduler.shutdown(wait=False)
         svc.rollback()
@@ -81,11 +83,11 @@ def test_a_canary_rated_down_by_users_is_rolled_back_on_its_own(live, tmp_path, 
 
 
 def test_a_passed_version_starts_a_canary_that_curators_complete_or_stop(live, tmp_path, browser):
-    """The rest of a canary's life, on the session's vLLM and the real app: what a cycle does with a version
-    its gate passed starts a canary when CANARY_SHARE > 0; `tuneloop adapters canary status` shows it and
-    `complete` promotes it (its version then answers every new conversation); a second canary is stopped
-    with the Canary tab's button in Chromium (everyone back on the control, the stopped version not rejected
-    and unloaded once its answers end)."""
+    """The rest of a canary's life, on the session's vLLM and the real app: the cycle's step after its gate
+    passed a version (with the service's own dependencies) starts a canary when CANARY_SHARE > 0, tied to
+    the run; `tuneloop adapters canary status` shows it and `complete` promotes it (its version then answers
+    every new conversation); a second canary is stopped with the Canary tab's button in Chromium (everyone
+    back on the control, the stopped version not rejected and unloaded once its answers end)."""
     svc = own_store(live, tmp_path, canary_share=0.5)
     names = ("control-2", "canary-2", "canary-3")
     for name in names:
@@ -108,11 +110,18 @@ def test_a_passed_version_starts_a_canary_that_curators_complete_or_stop(live, t
                 assert r.status_code == 200, r.text
                 return r.json()["model"]
 
-            assert svc.deploy("canary-2") == "canary"  # the cycle's step after a passed gate
+            run_id = runs.claim(svc.engine, "canary-cycle")
+            assert cycle.promote_or_reject(svc.cycle_deps(), adapters.get(svc.engine, "canary-2"), promote=True) == "canary"
+            runs.update(svc.engine, run_id, status="succeeded")
             first = canary.running(svc.engine)
-            assert (first.candidate, first.control, first.share, first.started_by) == ("canary-2", "control-2", 0.5, "cycle")
+            assert (first.candidate, first.control, first.share, first.run_id) == ("canary-2", "control-2", 0.5, run_id)
             assert adapters.active(svc.engine) == "control-2"
-            assert {new_conversation(i) for i in range(12)} == {"canary-2", "control-2"}  # both arms: 1 in 2,048 to fail
+            arms = set()
+            for i in range(40):  # each new conversation draws its arm: both appear (the chance that 40 do not: 2e-12)
+                arms.add(new_conversation(i))
+                if len(arms) == 2:
+                    break
+            assert arms == {"canary-2", "control-2"}
             status = cli("status")
             assert f"canary {first.id}: canary-2 on 50% of new conversations, against control-2" in status, status
             assert "canary:" in status and "control:" in status, status
@@ -129,6 +138,8 @@ def test_a_passed_version_starts_a_canary_that_curators_complete_or_stop(live, t
             wait_until(lambda: "canary-3 on 50%" in page.locator("#canary-state").inner_text(), timeout=60)
             page.locator("#canary-stop").click()
             wait_until(lambda: f"Canary {second} stopped" in page.locator("#canary-message").inner_text(), timeout=60)
+            page.locator("#canary-stop").click()  # again: a refusal, said in the message line
+            wait_until(lambda: "Refused: no canary is running" in page.locator("#canary-message").inner_text(), timeout=60)
             page.close()
             assert canary.get(svc.engine, second).status == "stopped"
             assert adapters.get(svc.engine, "canary-3").status != "rejected" and adapters.active(svc.engine) == "canary-2"
