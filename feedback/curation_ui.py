@@ -18,6 +18,7 @@ from serve import identity
 from serve.services import Services
 
 COLUMNS = ["id", "status", "rating", "author", "adapter", "question", "answer", "correction", "comment", "updated"]
+DONE = {"approve": "approved", "reject": "rejected"}  # what a curator action says once done
 
 
 def _date(text: str, field: str) -> datetime | None:
@@ -83,14 +84,13 @@ def build(services: Services) -> gr.Blocks:
         except Refused as e:
             raise gr.Error(str(e)) from None
         table, label = load(*flt)
-        return table, label, f"Feedback {int(fid)} {'approved' if action == 'approve' else 'rejected'}."
+        return table, label, f"Feedback {int(fid)} {DONE[action]}."
 
     def act_all(action: str, *flt):
         report = curation.bulk(engine, settings, action, filters(*flt))
         table, label = load(*flt)
         skipped = "".join(f"\n- {s}" for s in report.skipped[:20])
-        done = "Approved" if action == "approve" else "Rejected"
-        return table, label, f"{done} {report.done} item(s).{' Skipped:' + skipped if skipped else ''}"
+        return table, label, f"{DONE[action].capitalize()} {report.done} item(s).{' Skipped:' + skipped if skipped else ''}"
 
     with gr.Blocks(title="tuneloop curation") as demo:
         gr.Markdown("## Curation\nApproved feedback becomes training data at the next retrain. Nothing is trained on until approved.")

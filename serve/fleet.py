@@ -225,8 +225,7 @@ class Fleet:
             client.close()
             raise BlueGreenError(f"{name!r}'s vLLM server came up but did not answer: {e}", 502) from e
         with self._lock:
-            self._servers[name] = (sup, client, path)
-            self._coming.pop(name, None)
+            self._servers[name] = (sup, client, path)  # start() drops it from _coming; states() prefers this entry
 
     def close(self) -> None:
         """At shutdown: stop every full version's server (the spawned one is its supervisor's)."""
