@@ -75,6 +75,8 @@ def main() -> None:
             "train_rows": (run.dataset or {}).get("train_rows"), "test_examples": (run.dataset or {}).get("test_examples"),
             "promoted": (run.decision or {}).get("promote"), "summary": (run.decision or {}).get("summary"),
             "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+            # Earlier runs of other sizes are kept (below), so each run says when it was measured.
+            "measured": time.strftime("%Y-%m-%d", time.gmtime()),
         })
         print(json.dumps(results[-1], indent=1), flush=True)
     # Keep earlier runs of other sizes, so that one size can be measured again on its own.

@@ -51,7 +51,8 @@ def hotswap_rows(r: dict) -> list[str]:
 
 def cycle_rows(r: dict) -> list[str]:
     return [f"| cycle | {run['examples']} examples: {run['wall_s']} s wall ({run['train_steps']} training steps in "
-            f"{run['train_s']} s), {'promoted' if run['promoted'] else 'kept out'}, {load(run)} | (reported) |" for run in r["runs"]]
+            f"{run['train_s']} s), {'promoted' if run['promoted'] else 'kept out'}, {load(run)}, "
+            f"measured {run.get('measured', 'on an earlier date (not recorded)')} | (reported) |" for run in r["runs"]]
 
 
 def serving_rows(r: dict) -> list[str]:
